@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` (set up + default experiment), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# `make install EXTRAS=gpu,test` swaps faiss-cpu for faiss-gpu (never both in one env).
+EXTRAS ?= cpu,test
+CORES ?= 8
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint report bench clean
+install: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: install
+	$(BIN)/snakemake --cores $(CORES) results/linear_eval.csv
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/snakemake --lint
+
+report: run
+	$(BIN)/snakemake --report results/report.html
+
+clean:
+	rm -rf results .snakemake

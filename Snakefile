@@ -1,0 +1,15 @@
+# nnbyol: BYOL with nearest-neighbour positives mined in a learned latent space.
+# Wiring only: the config, one rule file per stage, and the default target.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        "results/linear_eval.csv",
+    default_target: True

@@ -1,0 +1,50 @@
+"""Device choice, thread counts and seeding, shared by every stage."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from pipeline import PipelineError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map ``auto`` to CUDA when present, else CPU; check an explicit choice exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} requested but CUDA is not available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise PipelineError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """Honour the scheduler's thread grant in torch, BLAS and FAISS."""
+    if not threads or threads < 1:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for explicit draws."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,373 @@
+"""Prepare stage: turn a data-set source into the canonical prepared file (uint8 NHWC)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline import PipelineError
+from pipeline.io import Prepared, save_prepared
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class SyntheticParams:
+    classes: int = 4
+    per_class: int = 40
+    size: int = 16
+    channels: int = 1
+    noise: float = 0.2
+
+
+@dataclass
+class PrepareParams:
+    name: str = "digits"
+    tag: str | None = None
+    root: str | None = None
+    download: bool = False
+    resize: int | None = None
+    test_fraction: float = 0.2
+    max_train: int | None = None
+    max_test: int | None = None
+    stl10_unlabeled: bool = False
+    seed: int = 0
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+def _assemble(parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> Prepared:
+    """Concatenate per-split (images, labels); ids number images in split order."""
+    images, labels, split = [], [], []
+    for name, (x, y) in parts.items():
+        if x.ndim == 3:
+            x = x[..., None]
+        images.append(np.ascontiguousarray(x, dtype=np.uint8))
+        labels.append(np.asarray(y, dtype=np.int64))
+        split.append(np.full(len(x), name))
+    shapes = {im.shape[1:] for im in images}
+    if len(shapes) > 1:
+        raise PipelineError(f"splits have different image shapes: {sorted(shapes)}")
+    images = np.concatenate(images)
+    return Prepared(
+        images=images,
+        labels=np.concatenate(labels),
+        split=np.concatenate(split).astype(str),
+        ids=np.arange(len(images), dtype=np.int64),
+        classes=classes,
+    )
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean test mask holding ``test_fraction`` of every class, chosen with ``seed``."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        test[idx[: max(1, round(test_fraction * len(idx)))]] = True
+    return test
+
+
+def _require_root(p: PrepareParams) -> Path:
+    if not p.root:
+        raise PipelineError(f"dataset.root is required for dataset.name={p.name!r}")
+    root = Path(p.root)
+    if not root.exists() and not p.download:
+        raise PipelineError(
+            f"dataset.root {str(root)!r} does not exist (dataset.name={p.name!r}); "
+            "point it at the files or set dataset.download: true"
+        )
+    return root
+
+
+def load_digits(p: PrepareParams) -> Prepared:
+    """scikit-learn's bundled 8x8 digits (values 0-16, rescaled to 0-255), stratified split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = d.target.astype(np.int64)
+    test = _stratified_split(labels, p.test_fraction, p.seed)
+    return Prepared(
+        images=images,
+        labels=labels,
+        split=np.where(test, "test", "train").astype(str),
+        ids=np.arange(len(images), dtype=np.int64),  # index in sklearn's array: stable
+        classes=[str(c) for c in d.target_names],
+    )
+
+
+def load_synthetic(p: PrepareParams) -> Prepared:
+    """Oriented sinusoidal gratings, one orientation (and hue) per class, plus noise."""
+    s = p.synthetic
+    rng = np.random.default_rng(p.seed)
+    yy, xx = np.mgrid[0 : s.size, 0 : s.size] / s.size
+    images, labels = [], []
+    for c in range(s.classes):
+        angle = np.pi * c / s.classes
+        for _ in range(s.per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            freq = rng.uniform(2.0, 3.0)
+            wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+            img = 0.5 + 0.4 * wave
+            if s.channels == 3:
+                tint = 0.6 + 0.4 * np.cos(2 * np.pi * (c / s.classes + np.arange(3) / 3))
+                img = img[..., None] * tint
+            else:
+                img = img[..., None]
+            img = img + rng.normal(0, s.noise, img.shape)
+            images.append(np.clip(img * 255, 0, 255).astype(np.uint8))
+            labels.append(c)
+    labels = np.asarray(labels, dtype=np.int64)
+    test = _stratified_split(labels, p.test_fraction, p.seed)
+    return Prepared(
+        images=np.stack(images),
+        labels=labels,
+        split=np.where(test, "test", "train").astype(str),
+        ids=np.arange(len(labels), dtype=np.int64),
+        classes=[f"class{c}" for c in range(s.classes)],
+    )
+
+
+def _torchvision(p: PrepareParams, make: Callable[[str, str, bool], object], split: str):
+    """Instantiate a torchvision data set, turning its errors into one actionable line."""
+    root = _require_root(p)
+    try:
+        return make(str(root), split, p.download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
+        hint = "" if p.download else "; set dataset.download: true to fetch it"
+        raise PipelineError(
+            f"{p.name} {split} split not found or corrupted under dataset.root {str(root)!r}{hint}"
+            f" ({e})"
+        ) from None
+    except OSError as e:  # network failures during download
+        raise PipelineError(f"{p.name}: download into {str(root)!r} failed: {e}") from None
+
+
+def _tv_classes(ds, n: int) -> list[str]:
+    return [str(c) for c in getattr(ds, "classes", None) or range(n)]
+
+
+def _load_tv_train_flag(cls_name: str) -> Callable[[PrepareParams], Prepared]:
+    """MNIST, FashionMNIST, CIFAR10, CIFAR100: ``train=True/False`` sets with .data/.targets."""
+
+    def load(p: PrepareParams) -> Prepared:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        parts, classes = {}, []
+        for split in ("train", "test"):
+            ds = _torchvision(p, lambda r, s, d: cls(r, train=(s == "train"), download=d), split)
+            data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
+            targets = np.asarray(ds.targets, dtype=np.int64)
+            parts[split] = (data, targets)
+            classes = _tv_classes(ds, int(targets.max()) + 1)
+        return _assemble(parts, classes)
+
+    return load
+
+
+def load_svhn(p: PrepareParams) -> Prepared:
+    import torchvision.datasets as tvd
+
+    parts = {}
+    for split in ("train", "test"):
+        ds = _torchvision(p, lambda r, s, d: tvd.SVHN(r, split=s, download=d), split)
+        parts[split] = (ds.data.transpose(0, 2, 3, 1), np.asarray(ds.labels) % 10)
+    return _assemble(parts, [str(c) for c in range(10)])
+
+
+def load_stl10(p: PrepareParams) -> Prepared:
+    import torchvision.datasets as tvd
+
+    splits = ("train", "test", "unlabeled") if p.stl10_unlabeled else ("train", "test")
+    parts, classes = {}, []
+    for split in splits:
+        ds = _torchvision(p, lambda r, s, d: tvd.STL10(r, split=s, download=d), split)
+        labels = np.asarray(ds.labels, dtype=np.int64) if split != "unlabeled" else None
+        if labels is None:
+            labels = np.full(len(ds.data), -1, dtype=np.int64)
+        parts[split] = (ds.data.transpose(0, 2, 3, 1), labels)
+        classes = _tv_classes(ds, 10)
+    return _assemble(parts, classes)
+
+
+def _decode(name: str, raw: bytes, resize: int | None) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise PipelineError(f"unreadable image {name}: {e}") from None
+    img = img.convert("L" if img.mode in ("1", "L", "I;16", "I", "LA") else "RGB")
+    if resize:
+        img = img.resize((resize, resize), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
+    """(split, class, name, read) for every image under root/{train,test}/<class>/, or in a tar."""
+    entries = []
+    if root.is_file():
+        if not tarfile.is_tarfile(root):
+            raise PipelineError(f"dataset.root {str(root)!r} is a file but not a tar archive")
+        tar = tarfile.open(root)
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test"):
+                if Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                    def read(m=m):
+                        return tar.extractfile(m).read()
+
+                    entries.append((parts[-3], parts[-2], m.name, read))
+        return entries
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir():
+            raise PipelineError(
+                f"imagefolder layout: missing folder {str(d)!r}; "
+                "expected <root>/train/<class>/* and <root>/test/<class>/*"
+            )
+        for cls_dir in sorted(c for c in d.iterdir() if c.is_dir()):
+            for f in sorted(cls_dir.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    entries.append((split, cls_dir.name, str(f), f.read_bytes))
+        stray = [f.name for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
+        if stray:
+            raise PipelineError(
+                f"imagefolder layout: file {str(d / stray[0])!r} lies outside a class folder"
+            )
+    return entries
+
+
+def load_imagefolder(p: PrepareParams) -> Prepared:
+    """``<root>/{train,test}/<class>/*``, any Pillow-readable image; root may be a tar(.gz)."""
+    root = _require_root(p)
+    entries = sorted(_imagefolder_entries(root), key=lambda e: (e[0] != "train", e[1], e[2]))
+    train_classes = sorted({c for s, c, _, _ in entries if s == "train"})
+    if not train_classes:
+        raise PipelineError(f"imagefolder layout: no images in {str(root / 'train')!r}/<class>/")
+    unknown = sorted({c for s, c, _, _ in entries if s == "test"} - set(train_classes))
+    if unknown:
+        raise PipelineError(f"imagefolder: test classes {unknown} have no training folder")
+    if not any(s == "test" for s, _, _, _ in entries):
+        raise PipelineError(f"imagefolder layout: no images in {str(root / 'test')!r}/<class>/")
+    raws = [read() for _, _, _, read in entries]  # tar reads are not thread-safe
+    with ThreadPoolExecutor() as pool:
+        names = [name for _, _, name, _ in entries]
+        arrays = list(pool.map(lambda n, r: _decode(n, r, p.resize), names, raws))
+    # Grey only when every image is grey; otherwise promote grey images to RGB.
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    first = arrays[0].shape
+    for (_, _, name, _), a in zip(entries, arrays, strict=True):
+        if a.shape != first:
+            raise PipelineError(
+                f"image {name} is {a.shape[1]}x{a.shape[0]} but {entries[0][2]} is "
+                f"{first[1]}x{first[0]}; set dataset.resize to use mixed sizes"
+            )
+    index = {c: i for i, c in enumerate(train_classes)}
+    images = np.stack(arrays)
+    if images.ndim == 3:
+        images = images[..., None]
+    return Prepared(
+        images=images,
+        labels=np.asarray([index[c] for _, c, _, _ in entries], dtype=np.int64),
+        split=np.asarray([s for s, _, _, _ in entries]).astype(str),
+        ids=np.arange(len(entries), dtype=np.int64),
+        classes=train_classes,
+    )
+
+
+def _to_uint8(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.floating) and x.size and 0.0 <= x.min() and x.max() <= 1.0:
+        return np.round(x * 255).astype(np.uint8)
+    raise PipelineError(f"{path}: {key} must be uint8 or float in [0, 1], got {x.dtype}")
+
+
+def load_npz(p: PrepareParams) -> Prepared:
+    """A .npz with x_train, y_train, x_test, y_test (NHW or NHWC); optional class names."""
+    path = _require_root(p)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"dataset.root {str(path)!r}: not a readable .npz file ({e})") from None
+    with z:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+        if missing:
+            raise PipelineError(f"{path}: missing arrays {missing} (has {sorted(z.files)})")
+        parts = {}
+        for split in ("train", "test"):
+            x = _to_uint8(z[f"x_{split}"], f"x_{split}", path)
+            y = z[f"y_{split}"]
+            if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+                raise PipelineError(f"{path}: x_{split} must be NHW or NHWC with 1 or 3 channels,"
+                                    f" got shape {x.shape}")
+            if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
+                raise PipelineError(f"{path}: y_{split} must be {len(x)} integers, got "
+                                    f"{y.dtype} {y.shape}")
+            parts[split] = (x, y.astype(np.int64))
+        n_train_classes = int(parts["train"][1].max()) + 1
+        classes = ([str(c) for c in z["classes"]] if "classes" in z.files
+                   else [str(c) for c in range(n_train_classes)])
+    for split, (_, y) in parts.items():
+        bad = y[(y < -1) | (y >= len(classes))]
+        if len(bad):
+            raise PipelineError(
+                f"{path}: y_{split} label {int(bad[0])} out of range [-1, {len(classes) - 1}]"
+            )
+    return _assemble(parts, classes)
+
+
+DATASETS: dict[str, Callable[[PrepareParams], Prepared]] = {
+    "digits": load_digits,
+    "synthetic": load_synthetic,
+    "mnist": _load_tv_train_flag("MNIST"),
+    "fashionmnist": _load_tv_train_flag("FashionMNIST"),
+    "cifar10": _load_tv_train_flag("CIFAR10"),
+    "cifar100": _load_tv_train_flag("CIFAR100"),
+    "svhn": load_svhn,
+    "stl10": load_stl10,
+    "imagefolder": load_imagefolder,
+    "npz": load_npz,
+}
+
+
+def _subsample(data: Prepared, split: str, limit: int | None, seed: int) -> Prepared:
+    mask = data.split == split
+    if limit is None or mask.sum() <= limit:
+        return data
+    rng = np.random.default_rng(seed)
+    drop = rng.permutation(np.flatnonzero(mask))[limit:]
+    keep = np.ones(len(data.ids), dtype=bool)
+    keep[drop] = False
+    return Prepared(data.images[keep], data.labels[keep], data.split[keep], data.ids[keep],
+                    data.classes)
+
+
+def check_source(p: PrepareParams) -> None:
+    """Cheap checks run before any job: a known name and an existing root."""
+    if p.name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise PipelineError(f"unknown dataset.name {p.name!r}; known: {known}")
+    if p.name not in ("digits", "synthetic"):
+        _require_root(p)
+
+
+def prepare(params: PrepareParams, out: str | Path) -> Prepared:
+    """Load ``params.name`` from its source, subsample if asked, check and write ``out``."""
+    check_source(params)
+    data = DATASETS[params.name](params)
+    data = _subsample(data, "train", params.max_train, params.seed)
+    data = _subsample(data, "test", params.max_test, params.seed + 1)
+    data.check()
+    save_prepared(out, data)
+    return data

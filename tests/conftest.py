@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny configs and a runner for the Snakemake DAG in a temporary copy."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+# A grid small enough for seconds per stage: synthetic gratings, few epochs.
+TINY = {
+    "seed": 0,
+    "device": "cpu",
+    "dataset": {"name": "synthetic", "synthetic": {"classes": 3, "per_class": 24, "size": 12}},
+    "evaluate": {"max_iter": 200, "knn_k": 5},
+}
+
+
+def tiny_config(**overrides) -> dict:
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    for key, value in overrides.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+class Workflow:
+    """A copy of the workflow (Snakefile, workflow/, pipeline/) in a temporary directory."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = path
+        for name in ("Snakefile", "workflow", "pipeline"):
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(src, path / name)
+        self.write_config(config)
+
+    def write_config(self, config: dict) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [SNAKEMAKE, "--cores", "2", *args]
+        proc = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, timeout=1200)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def planned(self, *args: str) -> dict[str, int]:
+        """Rule -> job count that a dry run would execute now."""
+        out = self.run("--dry-run", *args)
+        text = out.stdout + out.stderr
+        if "Nothing to be done" in text:
+            return {}
+        table = text.split("Job stats:")[-1]
+        jobs = {}
+        for line in table.splitlines():
+            m = re.match(r"^([A-Za-z_]\w*)\s+(\d+)\s*$", line.strip())
+            if m and m.group(1) not in ("total", "all"):
+                jobs[m.group(1)] = int(m.group(2))
+        return jobs
+
+
+@pytest.fixture
+def workflow(tmp_path) -> Workflow:
+    return Workflow(tmp_path, tiny_config())

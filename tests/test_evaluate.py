@@ -1,0 +1,47 @@
+"""Linear probe and kNN accuracy on features whose answer is known."""
+
+import numpy as np
+import pandas as pd
+
+from pipeline.aggregate import aggregate
+from pipeline.evaluate import EvaluateParams, evaluate, knn_accuracy, linear_probe
+from pipeline.io import read_json
+from pipeline.prepare import PrepareParams, prepare
+
+
+def blobs(n, seed, spread):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    centres = np.eye(3, 8) * 5
+    return centres[y] + rng.normal(0, spread, (n, 8)), y
+
+
+def test_probe_separable_vs_noise():
+    x, y = blobs(150, 0, 0.5)
+    xt, yt = blobs(60, 1, 0.5)
+    assert linear_probe(x, y, xt, yt) == 1.0
+    assert knn_accuracy(x, y, xt, yt, 5) == 1.0
+    noise = np.random.default_rng(2).normal(size=x.shape)
+    assert linear_probe(noise, y, np.random.default_rng(3).normal(size=xt.shape), yt) < 0.6
+
+
+def test_knn_votes_by_majority():
+    train = np.array([[1.0, 0], [1.0, 0.1], [0, 1.0], [-1.0, 0]])
+    labels = np.array([0, 0, 1, 2])
+    assert knn_accuracy(train, labels, np.array([[1.0, 0.05]]), np.array([0]), k=3) == 1.0
+
+
+def test_pixel_row_on_digits(tmp_path):
+    prepare(PrepareParams(), tmp_path / "d.npz")
+    row = evaluate(EvaluateParams(), "pixels", tmp_path / "d.npz", tmp_path / "d.npz",
+                   tmp_path / "pixels.json", dataset="digits")
+    assert read_json(tmp_path / "pixels.json")["top1"] == row["top1"]
+    assert row["stage"] == "pixels" and row["run"] == "pixels"
+    assert 0.93 < row["top1"] <= 1.0
+    assert row["n_train"] + row["n_test"] == 1797
+    table = aggregate([tmp_path / "pixels.json"], tmp_path / "t.csv")
+    csv = pd.read_csv(tmp_path / "t.csv")
+    assert list(csv.columns[:8]) == ["dataset", "run", "stage", "latent", "metric", "variant",
+                                     "seed", "top1"]
+    assert csv.loc[0, "top1"] == round(row["top1"], 4)
+    assert len(table) == 1
