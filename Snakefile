@@ -6,10 +6,14 @@ configfile: "config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/latent.smk"
+include: "workflow/rules/neighbours.smk"
+include: "workflow/rules/byol.smk"
 include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     input:
         "results/linear_eval.csv",
+        report_inputs,
     default_target: True

@@ -72,6 +72,12 @@ def _aggregate(a):
     aggregate(a.inputs, a.out)
 
 
+def _accuracy_chart(a):
+    from pipeline.plots import accuracy_chart
+
+    accuracy_chart(a.table, a.out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS")
@@ -126,6 +132,10 @@ def parser() -> argparse.ArgumentParser:
     s = stage("aggregate", _aggregate)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("inputs", nargs="+", type=Path)
+
+    s = stage("accuracy-chart", _accuracy_chart)
+    s.add_argument("--table", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
     return p
 
 

@@ -48,6 +48,15 @@ DEVICE = config["device"]
 # GPU stages ask for one GPU unless the config pins the CPU; under `auto` only when this
 # host shows one (set device: cuda to request GPUs from a cluster with CPU-only login nodes).
 GPU = 0 if DEVICE == "cpu" else int(DEVICE.startswith("cuda") or bool(shutil.which("nvidia-smi")))
+# Threads of a training job. Small CPU nets scale poorly across threads, so on a small machine
+# several single-threaded jobs beat one wide job; torch and FAISS honour this number.
+HEAVY = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+LATENTS = config["latent"]["models"]
+METRICS = config["neighbours"]["metrics"]
+SPACES = LATENTS + (["pixels"] if config["neighbours"]["pixels"] else [])
+VARIANTS = config["byol"]["variants"]
+SEEDS = config["byol"]["seeds"]
 
 
 wildcard_constraints:
@@ -81,6 +90,57 @@ def eval_json(run, seed=None):
     return os.path.join(R, "eval", run, f"seed{seed}.json")
 
 
+def byol_runs():
+    """BYOL run names of the grid: the baseline, and each neighbour variant per space."""
+    runs = []
+    for variant in VARIANTS:
+        if variant == "baseline":
+            runs.append(run_name("byol", "baseline"))
+        else:
+            runs += [run_name("byol", variant, m, d) for m in LATENTS for d in METRICS]
+    return runs
+
+
+def byol_dir(run, seed):
+    return os.path.join(R, "byol", run.removeprefix("byol-"), f"seed{seed}")
+
+
+def neighbours_source(wildcards):
+    """Raw-pixel neighbours read the prepared set; the others a latent export."""
+    if wildcards.space == "pixels":
+        return f"{R}/data.npz"
+    return f"{R}/latent/{wildcards.space}/latents.parquet"
+
+
+def purity_inputs(wildcards):
+    return [f"{R}/neighbours/{s}-{m}/neighbours.parquet" for s in SPACES for m in METRICS]
+
+
 def linear_eval_inputs(wildcards):
     """Every metrics JSON of the experiment grid, plus the cheap reference rows."""
-    return [eval_json(run_name("pixels"))]
+    runs = [eval_json(run_name("pixels"))]
+    runs += [eval_json(run_name("latent", latent=m)) for m in LATENTS]
+    if config["evaluate"]["untrained"]:
+        runs += [eval_json("byol-untrained", s) for s in SEEDS]
+    runs += [eval_json(r, s) for r in byol_runs() for s in SEEDS]
+    return runs
+
+
+def report_inputs(wildcards):
+    """Everything the HTML report shows, so `snakemake --report` finds it built."""
+    figures = [f"{R}/latent/{m}/{f}.png" for m in LATENTS for f in ("loss", "recon")]
+    figures += [f"{R}/neighbours/{s}-{m}/grid.png" for s in SPACES for m in METRICS]
+    figures += [os.path.join(byol_dir(r, s), "loss.png") for r in byol_runs() for s in SEEDS]
+    return figures + [f"{R}/neighbours/purity.csv", "results/accuracy.png"]
+
+
+def latent_cfg(wildcards):
+    return params_of("latent", wildcards.model)
+
+
+def byol_cfg(wildcards):
+    return params_of("byol", wildcards.variant)
+
+
+def byol_encoder(wildcards):
+    return os.path.join(byol_dir(wildcards.run, wildcards.seed), "encoder.pt")

@@ -1,0 +1,108 @@
+# BYOL runs live in results/<ds>/byol/<name>/seed<N>/ with name `baseline`,
+# `<variant>-<model>-<metric>` or `untrained`. state.pt beside the outputs is the resumable
+# checkpoint: a killed job re-run by snakemake continues from it.
+
+
+rule byol_baseline:
+    """Plain BYOL: both views are augmentations of the same image."""
+    input:
+        data=f"{R}/data.npz",
+        code=sources("byol.py", "backbones.py", "augment.py", "plots.py"),
+    output:
+        encoder=f"{R}/byol/{{variant}}/seed{{seed}}/encoder.pt",
+        history=f"{R}/byol/{{variant}}/seed{{seed}}/history.csv",
+        loss_plot=report(
+            f"{R}/byol/{{variant}}/seed{{seed}}/loss.png",
+            caption="../report/byol_loss.rst",
+            category="BYOL",
+            subcategory="{variant}",
+        ),
+    wildcard_constraints:
+        variant="baseline",
+    params:
+        cfg=byol_cfg,
+        device=DEVICE,
+        state=f"{R}/byol/{{variant}}/seed{{seed}}/state.pt",
+    log:
+        f"{LOGS}/byol/{{variant}}-seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/byol/{{variant}}-seed{{seed}}.tsv"
+    conda:
+        ENV
+    threads: HEAVY
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=GPU,
+    shell:
+        "python -m pipeline --threads {threads} byol --variant {wildcards.variant}"
+        " --seed {wildcards.seed} --params {params.cfg:q} --device {params.device}"
+        " --data {input.data} --out {output.encoder} --state {params.state}"
+        " --history {output.history} --loss-plot {output.loss_plot} > {log} 2>&1"
+
+
+rule byol_neighbours:
+    """BYOL whose positives include neighbours mined in a latent space (probabilistic, weighted)."""
+    input:
+        data=f"{R}/data.npz",
+        neighbours=f"{R}/neighbours/{{model}}-{{metric}}/neighbours.parquet",
+        code=sources("byol.py", "backbones.py", "augment.py", "plots.py"),
+    output:
+        encoder=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/encoder.pt",
+        history=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/history.csv",
+        loss_plot=report(
+            f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/loss.png",
+            caption="../report/byol_loss.rst",
+            category="BYOL",
+            subcategory="{variant}-{model}-{metric}",
+        ),
+    wildcard_constraints:
+        variant="probabilistic|weighted",
+    params:
+        cfg=byol_cfg,
+        device=DEVICE,
+        state=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/state.pt",
+    log:
+        f"{LOGS}/byol/{{variant}}-{{model}}-{{metric}}-seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/byol/{{variant}}-{{model}}-{{metric}}-seed{{seed}}.tsv"
+    conda:
+        ENV
+    threads: HEAVY
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=GPU,
+    shell:
+        "python -m pipeline --threads {threads} byol --variant {wildcards.variant}"
+        " --seed {wildcards.seed} --params {params.cfg:q} --device {params.device}"
+        " --data {input.data} --neighbours {input.neighbours} --out {output.encoder}"
+        " --state {params.state} --history {output.history}"
+        " --loss-plot {output.loss_plot} > {log} 2>&1"
+
+
+rule byol_untrained:
+    """The randomly initialised encoder: the control that shows what training added."""
+    input:
+        data=f"{R}/data.npz",
+        code=sources("byol.py", "backbones.py"),
+    output:
+        encoder=f"{R}/byol/untrained/seed{{seed}}/encoder.pt",
+    params:
+        cfg=params_of("byol", "baseline"),
+        device=DEVICE,
+        scratch=f"{R}/byol/untrained/seed{{seed}}",
+    log:
+        f"{LOGS}/byol/untrained-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m pipeline --threads {threads} byol --untrained --variant baseline"
+        " --seed {wildcards.seed} --params {params.cfg:q} --device cpu"
+        " --data {input.data} --out {output.encoder} --state {params.scratch}/state.pt"
+        " --history {params.scratch}/history.csv --loss-plot {params.scratch}/loss.png"
+        " > {log} 2>&1"

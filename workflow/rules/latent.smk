@@ -1,0 +1,65 @@
+rule train_latent:
+    """Learn a latent space (auto-decoder, auto-encoder or VAE) on the training images."""
+    input:
+        data=f"{R}/data.npz",
+        code=sources("latent.py", "latent_models.py", "plots.py"),
+    output:
+        model=f"{R}/latent/{{model}}/model.pt",
+        curve=f"{R}/latent/{{model}}/loss.csv",
+        loss_plot=report(
+            f"{R}/latent/{{model}}/loss.png",
+            caption="../report/latent_loss.rst",
+            category="Latent spaces",
+            subcategory="{model}",
+        ),
+        recon_plot=report(
+            f"{R}/latent/{{model}}/recon.png",
+            caption="../report/latent_recon.rst",
+            category="Latent spaces",
+            subcategory="{model}",
+        ),
+    params:
+        cfg=latent_cfg,
+        device=DEVICE,
+    log:
+        f"{LOGS}/train_latent/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/train_latent/{{model}}.tsv"
+    conda:
+        ENV
+    threads: HEAVY
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=GPU,
+    shell:
+        "python -m pipeline --threads {threads} train-latent --model {wildcards.model}"
+        " --params {params.cfg:q} --device {params.device} --data {input.data}"
+        " --out {output.model} --curve {output.curve} --loss-plot {output.loss_plot}"
+        " --recon-plot {output.recon_plot} > {log} 2>&1"
+
+
+rule export_latents:
+    """One Parquet row per image (train and test) with its latent vector."""
+    input:
+        model=f"{R}/latent/{{model}}/model.pt",
+        data=f"{R}/data.npz",
+        code=sources("latent.py", "latent_models.py"),
+    output:
+        f"{R}/latent/{{model}}/latents.parquet",
+    params:
+        dataset=DS,
+        device=DEVICE,
+    log:
+        f"{LOGS}/export_latents/{{model}}.log",
+    conda:
+        ENV
+    threads: HEAVY
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "python -m pipeline --threads {threads} export-latents --checkpoint {input.model}"
+        " --data {input.data} --out {output} --dataset {params.dataset}"
+        " --device {params.device} > {log} 2>&1"

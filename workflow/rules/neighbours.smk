@@ -1,0 +1,55 @@
+rule neighbours:
+    """k nearest training neighbours of every training image in one space and metric (FAISS)."""
+    input:
+        source=neighbours_source,
+        data=f"{R}/data.npz",
+        code=sources("neighbours.py", "plots.py"),
+    output:
+        table=f"{R}/neighbours/{{space}}-{{metric}}/neighbours.parquet",
+        grid=report(
+            f"{R}/neighbours/{{space}}-{{metric}}/grid.png",
+            caption="../report/neighbours_grid.rst",
+            category="Neighbours",
+            subcategory="{space}-{metric}",
+        ),
+    params:
+        cfg=params_of("neighbours"),
+        device=DEVICE,
+    log:
+        f"{LOGS}/neighbours/{{space}}-{{metric}}.log",
+    benchmark:
+        f"{R}/benchmarks/neighbours/{{space}}-{{metric}}.tsv"
+    conda:
+        ENV
+    threads: HEAVY
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=GPU,
+    shell:
+        "python -m pipeline --threads {threads} neighbours --metric {wildcards.metric}"
+        " --params {params.cfg:q} --device {params.device} --source {input.source}"
+        " --data {input.data} --out {output.table} --grid {output.grid} > {log} 2>&1"
+
+
+rule purity:
+    """Neighbour label purity and hubness of every space and metric, side by side."""
+    input:
+        tables=purity_inputs,
+        code=sources("neighbours.py"),
+    output:
+        report(
+            f"{R}/neighbours/purity.csv",
+            caption="../report/purity.rst",
+            category="Neighbours",
+        ),
+    log:
+        f"{LOGS}/purity.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m pipeline purity --out {output} {input.tables} > {log} 2>&1"
