@@ -69,7 +69,7 @@ def _evaluate(a):
 def _aggregate(a):
     from pipeline.aggregate import aggregate
 
-    aggregate(a.inputs, a.out)
+    aggregate(a.inputs, a.out, a.purity)
 
 
 def _accuracy_chart(a):
@@ -131,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = stage("aggregate", _aggregate)
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--purity", type=Path, default=None, help="neighbours purity table")
     s.add_argument("inputs", nargs="+", type=Path)
 
     s = stage("accuracy-chart", _accuracy_chart)

@@ -42,8 +42,30 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def aggregate(inputs: list[str | Path], out: str | Path) -> pd.DataFrame:
+def add_purity(df: pd.DataFrame, purity: pd.DataFrame) -> pd.DataFrame:
+    """Fill purity_at_1/purity_at_k of rows whose neighbours came from (latent, metric).
+
+    Args:
+        df: the collected table.
+        purity: the neighbours stage's purity table (columns space, metric, purity_at_1,
+            purity_at_k, ...).
+    """
+    lookup = {(r.space, r.metric): (r.purity_at_1, r.purity_at_k)
+              for r in purity.itertuples(index=False)}
+    df = df.copy()
+    for col, i in (("purity_at_1", 0), ("purity_at_k", 1)):
+        df[col] = [lookup.get((lat, met), (pd.NA, pd.NA))[i] if isinstance(met, str) and met
+                   else pd.NA for lat, met in zip(df["latent"], df["metric"], strict=True)]
+    return df
+
+
+def aggregate(
+    inputs: list[str | Path], out: str | Path, purity: str | Path | None = None
+) -> pd.DataFrame:
+    """Write the comparison table: one row per metrics JSON, purity joined where it applies."""
     df = collect(inputs)
+    if purity is not None:
+        df = add_purity(df, pd.read_csv(purity))
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False, float_format="%.4f")
     return df

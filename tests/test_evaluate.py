@@ -45,3 +45,28 @@ def test_pixel_row_on_digits(tmp_path):
                                      "seed", "top1"]
     assert csv.loc[0, "top1"] == round(row["top1"], 4)
     assert len(table) == 1
+
+
+def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
+    from pipeline.aggregate import add_purity, collect
+    from pipeline.io import write_json
+
+    rows = [("pixels", None), ("latent-vae", None), ("byol-baseline", 0),
+            ("byol-weighted-vae-cosine", 0), ("byol-weighted-ae-cosine", 0)]
+    paths = []
+    for run, seed in rows:
+        from pipeline.config import parse_run_name
+
+        p = tmp_path / f"{run}.json"
+        write_json(p, {"dataset": "d", "run": run, **parse_run_name(run), "seed": seed,
+                       "top1": 0.5})
+        paths.append(p)
+    purity = pd.DataFrame({"space": ["vae", "vae"], "metric": ["cosine", "euclidean"],
+                           "purity_at_1": [0.9, 0.8], "purity_at_k": [0.7, 0.6]})
+    df = add_purity(collect(paths), purity).set_index("run")
+    assert df.loc["byol-weighted-vae-cosine", "purity_at_1"] == 0.9
+    assert df.loc["byol-weighted-vae-cosine", "purity_at_k"] == 0.7
+    assert pd.isna(df.loc["byol-weighted-ae-cosine", "purity_at_1"])  # no such neighbours
+    assert pd.isna(df.loc["latent-vae", "purity_at_1"])
+    assert list(df.index) == ["pixels", "latent-vae", "byol-baseline", "byol-weighted-ae-cosine",
+                              "byol-weighted-vae-cosine"]

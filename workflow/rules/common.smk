@@ -116,6 +116,15 @@ def purity_inputs(wildcards):
     return [f"{R}/neighbours/{s}-{m}/neighbours.parquet" for s in SPACES for m in METRICS]
 
 
+def purity_table(wildcards):
+    """The purity table, when any neighbours are mined at all."""
+    return [f"{R}/neighbours/purity.csv"] if SPACES and METRICS else []
+
+
+def purity_flag(wildcards):
+    return " ".join(f"--purity {p}" for p in purity_table(wildcards))
+
+
 def linear_eval_inputs(wildcards):
     """Every metrics JSON of the experiment grid, plus the cheap reference rows."""
     runs = [eval_json(run_name("pixels"))]

@@ -80,11 +80,14 @@ rule aggregate:
     """One table comparing every evaluated representation."""
     input:
         runs=linear_eval_inputs,
+        purity=purity_table,
         code=sources("aggregate.py"),
     output:
         report("results/linear_eval.csv", caption="../report/linear_eval.rst", category="Results"),
     conda:
         ENV
+    params:
+        purity=purity_flag,
     log:
         f"{LOGS}/aggregate.log",
     threads: 1
@@ -92,7 +95,7 @@ rule aggregate:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m pipeline aggregate --out {output} {input.runs} > {log} 2>&1"
+        "python -m pipeline aggregate --out {output} {params.purity} {input.runs} > {log} 2>&1"
 
 
 rule accuracy_chart:
