@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -26,14 +27,12 @@ def set_threads(threads: int | None) -> None:
     """Honour the scheduler's thread grant in torch, BLAS and FAISS."""
     if not threads or threads < 1:
         return
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # FAISS reads OMP_NUM_THREADS when first imported; importing it here would also defeat the
+    # neighbours stage's OpenBLAS kernel choice, which must happen before that import.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
-    except ImportError:
-        pass
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> torch.Generator:

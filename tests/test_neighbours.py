@@ -1,0 +1,317 @@
+"""Neighbours stage: FAISS self-kNN against a brute-force reference, purity, hubness, files."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import PipelineError
+from pipeline.io import Prepared, save_prepared
+from pipeline.neighbours import (
+    NeighboursParams,
+    find_neighbours,
+    hubness,
+    knn,
+    load_neighbours,
+    purity,
+    purity_table,
+)
+
+HAS_GPU = torch.cuda.is_available() and faiss.get_num_gpus() > 0
+
+
+def reference(x: np.ndarray, metric: str) -> np.ndarray:
+    """All pairwise distances in float64, self set to +inf: (N, N)."""
+    x = x.astype(np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        dist = 1.0 - x @ x.T
+    else:
+        sq = (x**2).sum(1)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    np.fill_diagonal(dist, np.inf)
+    return dist
+
+
+def assert_matches_reference(D, I, x, metric, k, atol=1e-4):  # noqa: E741
+    """Tie-tolerant: the distances are the k smallest, and each id sits at its distance."""
+    ref = reference(x, metric)
+    n = len(x)
+    assert D.shape == I.shape == (n, k)
+    assert D.dtype == np.float32 and I.dtype == np.int64
+    rows = np.arange(n)[:, None]
+    assert not (I == rows).any(), "self appears among its own neighbours"
+    assert all(len(set(r)) == k for r in I.tolist()), "an id repeats within a row"
+    np.testing.assert_allclose(D, np.sort(ref, axis=1)[:, :k], atol=atol)
+    np.testing.assert_allclose(D, ref[rows, I], atol=atol)
+    assert (np.diff(D, axis=1) >= -atol).all(), "not nearest first"
+
+
+def clustered(n=300, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, d)) * 3
+    return (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("index", ["exact", "ivf"])
+def test_knn_equals_brute_force(metric, index):
+    x = clustered()
+    # IVF with nprobe = nlist visits every cell, so it must be exact too. chunk_size 64 makes
+    # the last chunk partial.
+    D, I = knn(x, 7, metric, index=index, nlist=4, nprobe=4, chunk_size=64)  # noqa: E741
+    assert_matches_reference(D, I, x, metric, 7)
+
+
+def test_knn_returns_ids_when_given():
+    x = clustered(n=50)
+    ids = np.arange(50, dtype=np.int64) * 10 + 3
+    D, I_pos = knn(x, 3, "euclidean")
+    D2, I_ids = knn(x, 3, "euclidean", ids=ids)
+    np.testing.assert_array_equal(I_ids, ids[I_pos])
+    np.testing.assert_array_equal(D, D2)
+
+
+def test_ivf_fills_short_lists_by_visiting_every_cell():
+    # 200 points clamp nlist to 5 cells of ~40 points; with nprobe=1 some queries' cells hold
+    # fewer than k+1 = 51 points, so FAISS pads with -1 and the search must widen.
+    x = clustered(n=200, d=4)
+    D, I = knn(x, 50, "euclidean", index="ivf", nlist=1024, nprobe=1)  # noqa: E741
+    assert (I >= 0).all()
+    assert not (I == np.arange(200)[:, None]).any()
+    assert all(len(set(r)) == 50 for r in I.tolist())
+    assert np.isfinite(D).all()
+
+
+def test_duplicates_are_each_others_nearest_and_self_is_absent():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5)).astype(np.float32) * 10
+    x[3] = x[17]
+    D, I = knn(x, 1, "euclidean")  # noqa: E741
+    assert I[3, 0] == 17 and I[17, 0] == 3
+    assert D[3, 0] == 0.0  # computed as |a - b|, not |a|^2 + |b|^2 - 2ab
+    # Five copies of one vector, k=3: every list holds three other copies, never self.
+    x[20:25] = x[0]
+    for metric in ("euclidean", "cosine"):
+        D, I = knn(x, 3, metric)  # noqa: E741
+        for row in [0, *range(20, 25)]:
+            assert row not in I[row]
+            assert set(I[row]) <= {0, 20, 21, 22, 23, 24}
+            np.testing.assert_allclose(D[row], 0, atol=1e-6)
+
+
+def test_knn_rejects_bad_input():
+    x = clustered(n=10)
+    with pytest.raises(PipelineError, match=r"^unknown metric 'manhattan'; use one of: cosine, "
+                       r"euclidean$"):
+        knn(x, 2, "manhattan")
+    with pytest.raises(PipelineError, match=r"^k = 10 must be at least 1 and less than the "
+                       r"number of rows \(10\)$"):
+        knn(x, 10, "euclidean")
+    x[4, 1] = np.nan
+    with pytest.raises(PipelineError, match=r"^x: 1 of 10 rows contain NaN or infinite values$"):
+        knn(x, 2, "euclidean")
+
+
+def test_purity_by_hand():
+    labels = np.array([0, 0, 1, -1])
+    neighbour_labels = np.array([[0, -1], [1, 1], [1, 0], [0, 0]])
+    # Anchor 3 is unlabelled; the pair (0, -1) is unknown. At 1: 0 same, 1 differs, 2 same.
+    # Over k: 5 known pairs, 2 agree.
+    p1, pk = purity(labels, neighbour_labels)
+    assert p1 == pytest.approx(2 / 3)
+    assert pk == pytest.approx(2 / 5)
+    assert np.isnan(purity(np.array([-1]), np.array([[0]]))[0])
+
+
+def test_hubness_by_hand():
+    index = np.array([[1, 2], [0, 2], [0, 1], [2, 1]])
+    # In-degrees: 0 -> 2, 1 -> 3, 2 -> 3, 3 -> 0.
+    assert hubness(index, 4) == (3, 0.25)
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+CLASSES = ["bars", "dots", "ring"]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """30 train, 9 test, 3 unlabelled images of 3 classes; ids deliberately not 0..N-1."""
+    rng = np.random.default_rng(0)
+    n = 42
+    labels = np.arange(n) % 3
+    images = (rng.random((n, 6, 6, 1)) * 60 + labels[:, None, None, None] * 90).astype(np.uint8)
+    split = np.array(["train"] * 30 + ["test"] * 9 + ["unlabeled"] * 3)
+    labels = np.where(split == "unlabeled", -1, labels).astype(np.int64)
+    ids = (np.arange(n, dtype=np.int64) * 7 + 100)[rng.permutation(n)]
+    data = Prepared(images, labels, split, ids, CLASSES)
+    save_prepared(tmp_path / "data.npz", data)
+    return data, tmp_path / "data.npz"
+
+
+def write_latents(path, data: Prepared, *, drop=(), nan_rows=()):
+    """A latent export as the latent stage writes it, rows shuffled: 3-d, one axis per class."""
+    rng = np.random.default_rng(1)
+    latent = np.eye(3, dtype=np.float32)[np.maximum(data.labels, 0)] * 5
+    latent += rng.normal(size=latent.shape).astype(np.float32) * 0.3
+    latent[list(nan_rows)] = np.nan
+    order = np.setdiff1d(rng.permutation(len(data.ids)), drop, assume_unique=True)
+    table = pa.table({
+        "id": pa.array(data.ids[order], pa.int64()),
+        "split": pa.array(data.split[order]),
+        "label": pa.array(data.labels[order], pa.int64()),
+        "latent": pa.FixedSizeListArray.from_arrays(pa.array(latent[order].ravel()), 3),
+    }).replace_schema_metadata({b"model": b"ae", b"dimension": b"3", b"dataset": b"tiny"})
+    pq.write_table(table, path)
+    return latent
+
+
+META_KEYS = {"metric", "distance", "k", "backend", "index", "space", "dataset", "purity_at_1",
+             "purity_at_k", "hub_max_in_degree", "hub_orphan_fraction", "n", "code_version",
+             "seconds"}
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_find_neighbours_on_latents(tmp_path, prepared, metric):
+    data, npz = prepared
+    latent = write_latents(tmp_path / "latents.parquet", data)
+    out, grid = tmp_path / "nb" / "neighbours.parquet", tmp_path / "nb" / "grid.png"
+    find_neighbours(NeighboursParams(k=4), tmp_path / "latents.parquet", npz, metric, out, grid,
+                    "cpu")
+
+    schema = pq.read_schema(out)
+    assert schema.field("id").type == pa.int64()
+    assert schema.field("neighbours").type == pa.list_(pa.int64(), 4)
+    assert schema.field("distances").type == pa.list_(pa.float32(), 4)
+    ids, nb, dist, meta = load_neighbours(out)
+    assert META_KEYS <= set(meta)
+    train = data.split == "train"
+    np.testing.assert_array_equal(ids, data.ids[train])
+    assert nb.shape == dist.shape == (30, 4)
+    assert meta["metric"] == metric and meta["k"] == "4" and meta["space"] == "ae"
+    assert meta["backend"] == "faiss-cpu-flat" and meta["dataset"] == "tiny"
+    assert meta["distance"] == {"euclidean": "l2", "cosine": "cosine"}[metric]
+    assert meta["n"] == "30"
+    # Three well-separated clusters of 10: every neighbour shares the anchor's label.
+    assert float(meta["purity_at_1"]) == 1.0 and float(meta["purity_at_k"]) == 1.0
+    # Neighbours are training ids, never self, at the reference distances.
+    pos = {i: p for p, i in enumerate(ids)}
+    nb_pos = np.vectorize(pos.get)(nb)
+    assert_matches_reference(dist, nb_pos, latent[train], metric, 4)
+    in_deg = np.bincount(nb_pos.ravel(), minlength=30)
+    assert int(meta["hub_max_in_degree"]) == in_deg.max()
+    assert float(meta["hub_orphan_fraction"]) == pytest.approx((in_deg == 0).mean())
+    assert grid.stat().st_size > 1000
+
+
+def test_find_neighbours_on_pixels(tmp_path, prepared):
+    data, npz = prepared
+    out = tmp_path / "neighbours.parquet"
+    find_neighbours(NeighboursParams(k=3, index="ivf", nlist=64, nprobe=64), npz, npz, "cosine",
+                    out, tmp_path / "grid.png", "auto")
+    ids, nb, dist, meta = load_neighbours(out)
+    assert len(ids) == 30 and meta["space"] == "pixels" and meta["index"] == "ivf"
+    assert meta["backend"] in ("faiss-cpu-ivf", "faiss-gpu-ivf")
+    assert meta["nlist"] == "1"  # 30 training images clamp nlist to max(1, 30 // 39)
+    train = data.split == "train"
+    x = data.images[train].reshape(30, -1).astype(np.float32) / 255
+    pos = {i: p for p, i in enumerate(ids)}
+    assert_matches_reference(dist, np.vectorize(pos.get)(nb), x, "cosine", 3)
+
+
+def test_cli_and_purity_table(tmp_path, prepared):
+    from pipeline.__main__ import main
+
+    data, npz = prepared
+    write_latents(tmp_path / "latents.parquet", data)
+    outs = []
+    for source, metric in ((npz, "euclidean"), (tmp_path / "latents.parquet", "cosine")):
+        out = tmp_path / f"{source.stem}-{metric}" / "neighbours.parquet"
+        assert main(["--threads", "1", "neighbours", "--metric", metric, "--params", '{"k": 2}',
+                     "--device", "cpu", "--source", str(source), "--data", str(npz),
+                     "--out", str(out), "--grid", str(out.with_name("grid.png"))]) == 0
+        outs.append(out)
+    csv = tmp_path / "purity.csv"
+    purity_table(outs, csv)
+    df = pd.read_csv(csv)
+    assert list(df.columns) == ["space", "metric", "k", "purity_at_1", "purity_at_k",
+                                "hub_max_in_degree", "hub_orphan_fraction", "backend", "seconds"]
+    assert list(df["space"]) == ["ae", "pixels"]  # sorted
+    assert list(df["metric"]) == ["cosine", "euclidean"]
+    assert (df["k"] == 2).all()
+    meta = load_neighbours(outs[0])[3]
+    assert df.loc[1, "purity_at_k"] == pytest.approx(float(meta["purity_at_k"]))
+
+
+def test_errors_name_the_problem(tmp_path, prepared):
+    data, npz = prepared
+    src = tmp_path / "latents.parquet"
+    out, grid = tmp_path / "neighbours.parquet", tmp_path / "grid.png"
+    write_latents(src, data)
+
+    def run(source=src, metric="euclidean", k=3):
+        find_neighbours(NeighboursParams(k=k), source, npz, metric, out, grid, "cpu")
+
+    with pytest.raises(PipelineError) as e:
+        run(k=30)
+    assert str(e.value) == (f"neighbours.k = 30 must be less than the number of training images "
+                            f"(30) in {npz}")
+    with pytest.raises(PipelineError) as e:
+        run(metric="manhattan")
+    assert str(e.value) == "unknown metric 'manhattan'; use one of: cosine, euclidean"
+
+    write_latents(src, data, nan_rows=(2, 5))
+    with pytest.raises(PipelineError) as e:
+        run()
+    assert str(e.value) == f"{src}: 2 of 42 latent rows contain NaN or infinite values"
+
+    write_latents(src, data, drop=[0, 4, 35])  # two training rows and one test row
+    with pytest.raises(PipelineError) as e:
+        run()
+    assert str(e.value) == (f"{src}: ids do not match the prepared data set (2 training ids "
+                            "missing, 0 ids unknown, 0 duplicated)")
+    assert not out.exists() and not grid.exists()
+
+
+def test_ids_unknown_to_the_data_set(tmp_path, prepared):
+    data, npz = prepared
+    src = tmp_path / "latents.parquet"
+    write_latents(src, data)
+    table = pq.read_table(src)
+    ids = table.column("id").to_numpy().copy()
+    ids[0] = 999_999
+    table = table.set_column(0, "id", pa.array(ids, pa.int64()))
+    pq.write_table(table, src)
+    with pytest.raises(PipelineError, match=r"ids do not match the prepared data set \(\d "
+                       r"training ids missing, 1 ids unknown, 0 duplicated\)$"):
+        find_neighbours(NeighboursParams(k=3), src, npz, "cosine", tmp_path / "n.parquet",
+                        tmp_path / "g.png", "cpu")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU with faiss-gpu")
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("index", ["exact", "ivf"])
+def test_gpu_agrees_with_cpu(metric, index):
+    x = clustered(n=5000, d=32)
+    D_cpu, I_cpu = knn(x, 10, metric, index=index, nlist=16, nprobe=16, chunk_size=1024)
+    D_gpu, I_gpu = knn(x, 10, metric, index=index, nlist=16, nprobe=16, chunk_size=1024,
+                       use_gpu=True)
+    np.testing.assert_allclose(D_gpu, D_cpu, atol=1e-3)
+    # Ids may swap among equal distances; otherwise they agree.
+    assert (I_gpu == I_cpu).mean() > 0.99
+    assert_matches_reference(D_gpu, I_gpu, x, metric, 10, atol=1e-3)
+
+
+def test_knn_high_dimension_refines_in_blocks():
+    # 200 x 20000 (raw-pixel-like width): the exact-distance pass runs in several blocks.
+    x = np.random.default_rng(3).random((200, 20_000), dtype=np.float32)
+    x[7] = x[150]
+    D, I = knn(x, 3, "euclidean", chunk_size=128)  # noqa: E741
+    assert_matches_reference(D, I, x, "euclidean", 3, atol=1e-3)
+    assert I[7, 0] == 150 and D[7, 0] == 0.0
