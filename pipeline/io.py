@@ -139,7 +139,7 @@ def provenance() -> dict:
 
     return {
         "code_version": code_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is refused by weights_only loads
         "python": platform.python_version(),
         "host": platform.node(),
     }

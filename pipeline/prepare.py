@@ -211,21 +211,21 @@ def _decode(name: str, raw: bytes, resize: int | None) -> np.ndarray:
     return np.asarray(img)
 
 
-def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
-    """(split, class, name, read) for every image under root/{train,test}/<class>/, or in a tar."""
+def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) of every image under root/{train,test}/<class>/, or in a tar.
+
+    A tar is read in archive order: random access into a .tar.gz restarts decompression.
+    """
     entries = []
     if root.is_file():
         if not tarfile.is_tarfile(root):
             raise PipelineError(f"dataset.root {str(root)!r} is a file but not a tar archive")
-        tar = tarfile.open(root)
-        for m in tar.getmembers():
-            parts = Path(m.name).parts
-            if m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test"):
-                if Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
-                    def read(m=m):
-                        return tar.extractfile(m).read()
-
-                    entries.append((parts[-3], parts[-2], m.name, read))
+        with tarfile.open(root) as tar:
+            for m in tar:
+                parts = Path(m.name).parts
+                if (m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test")
+                        and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
+                    entries.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
         return entries
     for split in ("train", "test"):
         d = root / split
@@ -234,15 +234,15 @@ def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, Callable[[], b
                 f"imagefolder layout: missing folder {str(d)!r}; "
                 "expected <root>/train/<class>/* and <root>/test/<class>/*"
             )
-        for cls_dir in sorted(c for c in d.iterdir() if c.is_dir()):
-            for f in sorted(cls_dir.iterdir()):
-                if f.is_file() and not f.name.startswith("."):
-                    entries.append((split, cls_dir.name, str(f), f.read_bytes))
         stray = [f.name for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
         if stray:
             raise PipelineError(
                 f"imagefolder layout: file {str(d / stray[0])!r} lies outside a class folder"
             )
+        for cls_dir in sorted(c for c in d.iterdir() if c.is_dir()):
+            for f in sorted(cls_dir.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    entries.append((split, cls_dir.name, str(f), f.read_bytes()))
     return entries
 
 
@@ -258,10 +258,8 @@ def load_imagefolder(p: PrepareParams) -> Prepared:
         raise PipelineError(f"imagefolder: test classes {unknown} have no training folder")
     if not any(s == "test" for s, _, _, _ in entries):
         raise PipelineError(f"imagefolder layout: no images in {str(root / 'test')!r}/<class>/")
-    raws = [read() for _, _, _, read in entries]  # tar reads are not thread-safe
     with ThreadPoolExecutor() as pool:
-        names = [name for _, _, name, _ in entries]
-        arrays = list(pool.map(lambda n, r: _decode(n, r, p.resize), names, raws))
+        arrays = list(pool.map(lambda e: _decode(e[2], e[3], p.resize), entries))
     # Grey only when every image is grey; otherwise promote grey images to RGB.
     if any(a.ndim == 3 for a in arrays):
         arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]

@@ -1,0 +1,267 @@
+"""Latent stage: shapes, losses against hand computations, the Parquet export, bad input."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import PipelineError
+from pipeline.config import build, latent_params, validate_config
+from pipeline.evaluate import latent_features
+from pipeline.io import load_prepared, save_prepared
+from pipeline.latent import LatentParams, encode, export_latents, load_checkpoint, train_latent
+from pipeline.latent_models import (
+    LATENT_MODELS,
+    VAE,
+    AutoEncoder,
+    build_model,
+    kl_divergence,
+    level_sizes,
+    mse_per_image,
+    to_model_input,
+)
+from pipeline.prepare import PrepareParams, SyntheticParams, prepare
+
+MODELS = ("autodecoder", "ae", "vae")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    # low pixel noise, so that a VAE's loss visibly falls within a few dozen steps
+    path = tmp_path_factory.mktemp("data") / "data.npz"
+    prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
+        classes=3, per_class=20, size=8, noise=0.05)), path)
+    return path
+
+
+def fast(**kw) -> LatentParams:
+    return LatentParams(**{"dim": 4, "epochs": 3, "batch_size": 16, "width": 8,
+                           "infer_steps": 30, **kw})
+
+
+# enough steps (30 epochs x 6 batches) for every model to learn on the tiny set
+LONGER = {"epochs": 30, "batch_size": 8, "lr": 0.005, "code_lr": 0.05}
+
+
+def train(tmp_path, model, data_path, params=None, name="run"):
+    d = tmp_path / name
+    train_latent(params or fast(), model, data_path, d / "model.pt", d / "loss.csv",
+                 d / "loss.png", d / "recon.png", "cpu")
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_path):
+    """Model name -> run folder, each model trained once with ``LONGER`` for the module."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("trained")
+    return {m: train(root, m, data_path, fast(**LONGER), name=m) for m in MODELS}
+
+
+def read_curve(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (12, 12, 1), (28, 28, 1), (32, 32, 3), (96, 96, 3)])
+@pytest.mark.parametrize("model", MODELS)
+def test_architectures_return_the_exact_input_shape(shape, model):
+    torch.manual_seed(0)
+    net = build_model(model, shape, dim=5, width=4, n_train=2)
+    x = to_model_input(torch.randint(0, 256, (2, *shape), dtype=torch.uint8))
+    assert x.shape == (2, shape[2], shape[0], shape[1]) and 0 <= x.min() and x.max() <= 1
+    with torch.no_grad():
+        recon = net.reconstruct(x, torch.arange(2))
+    assert recon.shape == x.shape
+    assert 0 <= recon.min() and recon.max() <= 1
+    if model != "autodecoder":
+        assert net.represent(x).shape == (2, 5)
+
+
+def test_levels_halve_until_four():
+    assert level_sizes(8, 8) == [(8, 8), (4, 4)]
+    assert level_sizes(12, 12) == [(12, 12), (6, 6), (3, 3)]
+    assert level_sizes(28, 28) == [(28, 28), (14, 14), (7, 7), (4, 4)]
+    assert level_sizes(96, 96)[-1] == (3, 3) and len(level_sizes(96, 96)) == 6
+
+
+def test_kl_matches_hand_computation():
+    mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
+    # 0.5 * [(1 + 1 - 1 - 0) + (0 + 2 - 1 - ln 2)] = 1 - ln(2) / 2; N(0, I) has KL 0
+    kl = kl_divergence(mu, logvar)
+    assert kl[0].item() == pytest.approx(1 - math.log(2) / 2, abs=1e-6)
+    assert kl[1].item() == 0.0
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1)
+    assert torch.allclose(kl, ref, atol=1e-6)
+
+
+def test_vae_loss_is_recon_plus_beta_kl():
+    torch.manual_seed(0)
+    net = VAE((8, 8, 1), dim=3, width=4, beta=0.25)
+    x = torch.rand(5, 1, 8, 8)
+    total, parts = net.loss(x, torch.arange(5))
+    mu, logvar = net.posterior(x)
+    assert parts["kl"].item() == pytest.approx(kl_divergence(mu, logvar).mean().item(), rel=1e-6)
+    assert total.item() == pytest.approx((parts["recon"] + 0.25 * parts["kl"]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_loss_falls(trained, model):
+    d = trained[model]
+    rows = read_curve(d / "loss.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 31))
+    extra = {"autodecoder": "prior", "ae": None, "vae": "kl"}[model]
+    assert set(rows[0]) == {"epoch", "loss", "recon", "seconds"} | ({extra} if extra else set())
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < 0.9 * first, (first, last)
+    assert float(rows[-1]["recon"]) < 0.8 * float(rows[0]["recon"])
+    for name in ("loss.png", "recon.png"):
+        assert (d / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_loads_weights_only(trained, data_path):
+    state = torch.load(trained["autodecoder"] / "model.pt", weights_only=True)
+    data = load_prepared(data_path)
+    train_ids = data.ids[data.split == "train"]
+    assert state["model"] == "autodecoder" and state["epoch"] == 30
+    assert state["image_shape"] == (8, 8, 1)
+    assert state["params"] == vars(fast(**LONGER))
+    assert state["train_ids"].tolist() == train_ids.tolist()
+    assert state["state_dict"]["codes.weight"].shape == (len(train_ids), 4)
+    assert "code_version" in state["provenance"]
+
+
+def test_autodecoder_inference_lowers_reconstruction_error(trained, data_path):
+    net, _ = load_checkpoint(trained["autodecoder"] / "model.pt", torch.device("cpu"))
+    data = load_prepared(data_path)
+    x = to_model_input(torch.from_numpy(data.images[data.split == "test"]))
+    z = net.infer(x, steps=60, lr=0.05)
+    with torch.no_grad():
+        start = mse_per_image(net.decoder(torch.zeros_like(z)), x).mean().item()
+        after = mse_per_image(net.decoder(z), x).mean().item()
+    assert after < 0.8 * start, (start, after)
+    assert all(p.requires_grad for p in net.decoder.parameters())  # unfrozen afterwards
+
+
+def test_parquet_schema_rows_and_metadata(trained, data_path):
+    d = trained["vae"]
+    export_latents(d / "model.pt", data_path, d / "latents.parquet", "cpu", "tinyset")
+    table = pq.read_table(d / "latents.parquet")
+    assert table.schema.field("id").type == pa.int64()
+    assert table.schema.field("split").type == pa.string()
+    assert table.schema.field("label").type == pa.int64()
+    assert table.schema.field("latent").type == pa.list_(pa.float32(), 4)
+    data = load_prepared(data_path)
+    assert table.column("id").to_pylist() == data.ids.tolist()
+    assert table.column("split").to_pylist() == data.split.tolist()
+    assert table.column("label").to_pylist() == data.labels.tolist()
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["model"] == "vae" and meta["dimension"] == "4" and meta["dataset"] == "tinyset"
+    assert json.loads(meta["params"]) == vars(fast(**LONGER))
+    assert meta["epochs"] == "30" and meta["device"].startswith("cpu")
+    assert float(meta["train_seconds"]) >= 0 and meta["code_version"]
+    # the evaluate stage reads it back aligned by id; the VAE latent is the posterior mean
+    feats, meta2 = latent_features(d / "latents.parquet", data)
+    net, _ = load_checkpoint(d / "model.pt", torch.device("cpu"))
+    with torch.no_grad():
+        mean = net.posterior(to_model_input(torch.from_numpy(data.images)))[0].numpy()
+    np.testing.assert_allclose(feats, mean, rtol=1e-5, atol=1e-6)
+    assert meta2 == meta
+
+
+def test_unlabeled_images_train_and_export(tmp_path, data_path):
+    data = load_prepared(data_path)
+    unl = np.flatnonzero(data.split == "train")[:10]
+    data.split[unl] = "unlabeled"
+    data.labels[unl] = -1
+    save_prepared(tmp_path / "u.npz", data)
+    d = train(tmp_path, "autodecoder", tmp_path / "u.npz")
+    state = torch.load(d / "model.pt", weights_only=True)
+    assert set(data.ids[unl]) <= set(state["train_ids"].tolist())
+    export_latents(d / "model.pt", tmp_path / "u.npz", d / "l.parquet", "cpu", "u")
+    table = pq.read_table(d / "l.parquet")
+    assert table.column("split").to_pylist().count("unlabeled") == 10
+    latents = np.asarray(table.column("latent").to_pylist(), dtype=np.float32)
+    codes = state["state_dict"]["codes.weight"].numpy()
+    row = {i: r for r, i in enumerate(state["train_ids"].tolist())}
+    np.testing.assert_array_equal(latents[unl], codes[[row[i] for i in data.ids[unl]]])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_same_seed_gives_identical_latents(tmp_path, data_path, model):
+    cpu = torch.device("cpu")
+    data = load_prepared(data_path)
+    out = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        d = train(tmp_path, model, data_path, fast(seed=seed, epochs=2), name=name)
+        out.append(encode(*load_checkpoint(d / "model.pt", cpu), data, cpu))
+    np.testing.assert_array_equal(out[0], out[1])
+    assert not np.array_equal(out[0], out[2])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_config_params_build(model):
+    flat = latent_params(validate_config({}), model)
+    p = build(LatentParams, flat)
+    assert p.dim == 16 and p.epochs == 30 and p.seed == 0
+    assert build_model(model, (8, 8, 1), p.dim, p.width, 3, vars(p)) is not None
+
+
+def test_bad_input(tmp_path, data_path):
+    with pytest.raises(PipelineError, match=r"^latent param 'dim' must be positive, got 0$"):
+        train(tmp_path, "ae", data_path, fast(dim=0))
+    with pytest.raises(PipelineError,
+                       match=r"^unknown latent model 'pca'; known: autodecoder, ae, vae$"):
+        train(tmp_path, "pca", data_path)
+    assert set(LATENT_MODELS) == set(MODELS)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_nan_loss_stops_and_writes_nothing(tmp_path, data_path, monkeypatch):
+    real = AutoEncoder.loss
+
+    def poisoned(self, x, index):
+        loss, parts = real(self, x, index)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(AutoEncoder, "loss", poisoned)
+    with pytest.raises(PipelineError, match=r"^latent model 'ae': loss became nan at epoch 1;"):
+        train(tmp_path, "ae", data_path)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_export_rejects_other_image_size(tmp_path, data_path):
+    d = train(tmp_path, "ae", data_path)
+    other = tmp_path / "other.npz"
+    prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(size=12)), other)
+    with pytest.raises(PipelineError, match=r"images are \(12, 12, 1\) \(H, W, C\) but"):
+        export_latents(d / "model.pt", other, tmp_path / "x.parquet", "cpu", "x")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_cli_reports_unknown_model_in_one_line(tmp_path, data_path, capsys):
+    from pipeline.__main__ import main
+
+    args = ["train-latent", "--model", "pca", "--params", '{"dim": 4}', "--device", "cpu",
+            "--data", str(data_path)]
+    for name in ("out", "curve", "loss-plot", "recon-plot"):
+        args += [f"--{name}", str(tmp_path / name)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown latent model 'pca'; known: autodecoder, ae, vae\n"
+    assert list(tmp_path.iterdir()) == []
