@@ -36,7 +36,7 @@ class LatentParams:
     prior_weight: float = 1e-4
     code_lr: float = 0.01
     code_init_std: float = 0.01
-    infer_steps: int = 200
+    infer_steps: int = 100
     infer_lr: float = 0.01
     # vae
     beta: float = 1.0
