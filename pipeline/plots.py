@@ -107,7 +107,7 @@ def accuracy_chart(table: str | Path, path: str | Path) -> None:
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel("linear-probe top-1 (mean ± std over seeds)")
     lo = max(0.0, float(summary["top1_mean"].min()) - 0.1)
-    ax.set_xlim(lo, 1.0)
+    ax.set_xlim(lo, 1.07)  # room for the value labels
     ax.set_title(", ".join(sorted(df["dataset"].astype(str).unique())), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)

@@ -9,6 +9,9 @@ from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
+# Two latent models, one metric, every variant: each rule runs, the grid stays small.
+GRID = {"latent": {"models": ["ae", "vae"]}, "neighbours": {"metrics": ["cosine"]}}
+
 
 def touch_later(path):
     """Edit a file so its mtime is clearly newer than the outputs."""
@@ -18,18 +21,49 @@ def touch_later(path):
 
 
 def test_tiny_dag_runs_and_caches(workflow):
+    workflow.write_config(tiny_config(**GRID))
     workflow.run()
     table = pd.read_csv(workflow.path / "results" / "linear_eval.csv")
     assert {"dataset", "run", "stage", "latent", "metric", "variant", "seed", "top1"} <= set(
         table.columns)
-    assert "pixels" in set(table["run"])
+    assert list(table["run"]) == [
+        "pixels", "latent-ae", "latent-vae", "byol-baseline",
+        "byol-probabilistic-ae-cosine", "byol-probabilistic-vae-cosine", "byol-untrained",
+        "byol-weighted-ae-cosine", "byol-weighted-vae-cosine",
+    ]
     assert table["top1"].between(0, 1).all()
-    assert (workflow.path / "results" / "synthetic" / "data.npz").exists()
+    byol = table[table["stage"] == "byol"].set_index("run")
+    assert (byol["seed"] == 0).all()
+    assert byol.loc["byol-weighted-vae-cosine", ["latent", "metric", "variant"]].tolist() == [
+        "vae", "cosine", "weighted"]
+    assert byol.loc["byol-weighted-vae-cosine", "purity_at_1"] >= 0
+    assert pd.isna(byol.loc["byol-baseline", "purity_at_1"])
+    ds = workflow.path / "results" / "synthetic"
+    for figure in ("latent/vae/recon.png", "neighbours/pixels-cosine/grid.png",
+                   "byol/weighted-ae-cosine/seed0/loss.png"):
+        assert (ds / figure).stat().st_size > 1000, figure
+    assert (workflow.path / "results" / "accuracy.png").exists()
     # Nothing to do after a complete run.
     assert workflow.planned() == {}
 
+    # One latent model's params re-run only that model's branch.
+    workflow.write_config(tiny_config(**GRID, latent={**GRID["latent"], "vae": {"beta": 2.0}}))
+    planned = workflow.planned()
+    assert planned["train_latent"] == 1 and planned["export_latents"] == 1
+    assert planned["neighbours"] == 1 and planned["byol_neighbours"] == 2
+    assert "prepare" not in planned and "byol_baseline" not in planned
+    assert "evaluate_pixels" not in planned
+    workflow.run("--dry-run", "--printshellcmds")  # still a valid plan
+    workflow.write_config(tiny_config(**GRID))
+
+    # A BYOL variant's own param re-runs only that variant.
+    workflow.write_config(tiny_config(**GRID, byol={"weighted": {"pos_weight": 0.25}}))
+    planned = workflow.planned()
+    assert planned.get("byol_neighbours") == 2 and "byol_baseline" not in planned
+    assert "train_latent" not in planned and "neighbours" not in planned
+
     # An evaluation param re-runs only evaluation and aggregation.
-    workflow.write_config(tiny_config(evaluate={"C": 0.5}))
+    workflow.write_config(tiny_config(**GRID, evaluate={"C": 0.5}))
     planned = workflow.planned()
     assert planned and set(planned) <= {"evaluate_pixels", "evaluate_latent", "evaluate_byol",
                                         "evaluate_untrained", "aggregate"}
@@ -37,15 +71,19 @@ def test_tiny_dag_runs_and_caches(workflow):
     workflow.run()
 
     # A data param re-runs everything downstream of the data.
-    workflow.write_config(tiny_config(evaluate={"C": 0.5}, seed=1))
+    workflow.write_config(tiny_config(**GRID, evaluate={"C": 0.5}, seed=1))
     planned = workflow.planned()
     assert planned.get("prepare") == 1 and "evaluate_pixels" in planned and "aggregate" in planned
 
     # Editing a stage's own source re-runs that stage (and what depends on it).
-    workflow.write_config(tiny_config(evaluate={"C": 0.5}))
+    workflow.write_config(tiny_config(**GRID, evaluate={"C": 0.5}))
     touch_later(workflow.path / "pipeline" / "evaluate.py")
     planned = workflow.planned()
     assert "prepare" not in planned and "evaluate_pixels" in planned
+    assert "train_latent" not in planned and "byol_baseline" not in planned
+    touch_later(workflow.path / "pipeline" / "latent_models.py")
+    planned = workflow.planned()
+    assert planned["train_latent"] == 2 and "byol_baseline" not in planned
 
 
 def test_bad_config_fails_before_any_job(workflow):
