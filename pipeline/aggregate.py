@@ -28,7 +28,8 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
             df[c] = pd.NA
     df["seed"] = df["seed"].astype("Int64")
     df = df[COLUMNS + sorted(set(df.columns) - set(COLUMNS))]
-    order = df["stage"].map(STAGE_ORDER).fillna(9)
+    # References first: pixels, latents, the untrained encoder, then the trained runs.
+    order = df["stage"].map(STAGE_ORDER).fillna(9) + (df["run"] != "byol-untrained") * 0.5
     return (df.assign(_o=order).sort_values(["dataset", "_o", "run", "seed"])
             .drop(columns="_o").reset_index(drop=True))
 
@@ -54,8 +55,9 @@ def add_purity(df: pd.DataFrame, purity: pd.DataFrame) -> pd.DataFrame:
               for r in purity.itertuples(index=False)}
     df = df.copy()
     for col, i in (("purity_at_1", 0), ("purity_at_k", 1)):
-        df[col] = [lookup.get((lat, met), (pd.NA, pd.NA))[i] if isinstance(met, str) and met
-                   else pd.NA for lat, met in zip(df["latent"], df["metric"], strict=True)]
+        df[col] = pd.to_numeric(
+            [lookup.get((lat, met), (None, None))[i] if isinstance(met, str) and met else None
+             for lat, met in zip(df["latent"], df["metric"], strict=True)], errors="coerce")
     return df
 
 

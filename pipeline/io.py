@@ -17,6 +17,8 @@ import numpy as np
 from pipeline import PipelineError, __version__
 
 SPLITS = ("train", "test", "unlabeled")
+# Images a self-supervised stage may train on (and mine neighbours among): labels unused.
+TRAINING_SPLITS = ("train", "unlabeled")
 
 
 @contextlib.contextmanager
@@ -64,8 +66,8 @@ class Prepared:
     ids: np.ndarray
     classes: list[str]
 
-    def subset(self, split: str) -> Prepared:
-        mask = self.split == split
+    def subset(self, *splits: str) -> Prepared:
+        mask = np.isin(self.split, splits)
         return Prepared(
             self.images[mask], self.labels[mask], self.split[mask], self.ids[mask], self.classes
         )

@@ -16,10 +16,9 @@ from tqdm import tqdm
 
 from pipeline import PipelineError
 from pipeline.device import describe, resolve_device, seed_everything
-from pipeline.io import Prepared, atomic_path, load_prepared, provenance
+from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
 from pipeline.latent_models import AutoDecoder, build_model, check_model, to_model_input
 
-TRAIN_SPLITS = ("train", "unlabeled")  # unlabeled images are training data for self-supervision
 ENCODE_BATCH = 1024
 RECON_SHOWN = 10
 
@@ -57,7 +56,7 @@ def check_params(p: LatentParams, model: str) -> None:
 
 
 def _train_rows(data: Prepared) -> np.ndarray:
-    rows = np.flatnonzero(np.isin(data.split, TRAIN_SPLITS))
+    rows = np.flatnonzero(np.isin(data.split, TRAINING_SPLITS))
     if len(rows) == 0:
         raise PipelineError("prepared data set has no 'train' images to learn a latent space on")
     return rows
@@ -172,7 +171,7 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
         "device": describe(dev),
         "data": str(data),
         # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
-        "provenance": {k: str(v) for k, v in provenance().items()},
+        "provenance": provenance(),
     }
     from pipeline.plots import loss_curves
 

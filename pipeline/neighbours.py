@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.io import Prepared, atomic_path, code_version, load_prepared
+from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, code_version, load_prepared
 
 # Query count from which FAISS computes distances as one BLAS matrix product; faiss 1.15
 # defaults to 128000, but its blocked sgemm path is 1.4-2.7x faster here for any chunk.
@@ -334,11 +334,11 @@ def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str
         x: (N_train, d) float32; space: latent model name or ``pixels``; metadata of the source.
     """
     source = Path(source)
-    train = data.split == "train"
+    train = np.isin(data.split, TRAINING_SPLITS)
     if source.suffix == ".npz":
         from pipeline.evaluate import pixel_features
 
-        return pixel_features(data.subset("train")), "pixels", {}
+        return pixel_features(data.subset(*TRAINING_SPLITS)), "pixels", {}
     if source.suffix != ".parquet":
         raise PipelineError(f"cannot read neighbours source {source}: expected .parquet or .npz")
     if not source.exists():
@@ -419,7 +419,7 @@ def find_neighbours(
     dev = resolve_device(device)
     prepared = load_prepared(data)
     prepared.check()
-    train = prepared.subset("train")
+    train = prepared.subset(*TRAINING_SPLITS)
     n, k = len(train.ids), params.k
     if k >= n:
         raise PipelineError(

@@ -51,7 +51,7 @@ def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
     from pipeline.aggregate import add_purity, collect
     from pipeline.io import write_json
 
-    rows = [("pixels", None), ("latent-vae", None), ("byol-baseline", 0),
+    rows = [("pixels", None), ("latent-vae", None), ("byol-baseline", 0), ("byol-untrained", 0),
             ("byol-weighted-vae-cosine", 0), ("byol-weighted-ae-cosine", 0)]
     paths = []
     for run, seed in rows:
@@ -68,5 +68,5 @@ def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
     assert df.loc["byol-weighted-vae-cosine", "purity_at_k"] == 0.7
     assert pd.isna(df.loc["byol-weighted-ae-cosine", "purity_at_1"])  # no such neighbours
     assert pd.isna(df.loc["latent-vae", "purity_at_1"])
-    assert list(df.index) == ["pixels", "latent-vae", "byol-baseline", "byol-weighted-ae-cosine",
-                              "byol-weighted-vae-cosine"]
+    assert list(df.index) == ["pixels", "latent-vae", "byol-untrained", "byol-baseline",
+                              "byol-weighted-ae-cosine", "byol-weighted-vae-cosine"]

@@ -27,8 +27,8 @@ def test_tiny_dag_runs_and_caches(workflow):
     assert {"dataset", "run", "stage", "latent", "metric", "variant", "seed", "top1"} <= set(
         table.columns)
     assert list(table["run"]) == [
-        "pixels", "latent-ae", "latent-vae", "byol-baseline",
-        "byol-probabilistic-ae-cosine", "byol-probabilistic-vae-cosine", "byol-untrained",
+        "pixels", "latent-ae", "latent-vae", "byol-untrained", "byol-baseline",
+        "byol-probabilistic-ae-cosine", "byol-probabilistic-vae-cosine",
         "byol-weighted-ae-cosine", "byol-weighted-vae-cosine",
     ]
     assert table["top1"].between(0, 1).all()

@@ -89,7 +89,7 @@ rule byol_untrained:
     output:
         encoder=f"{R}/byol/untrained/seed{{seed}}/encoder.pt",
     params:
-        cfg=params_of("byol", "baseline"),
+        cfg=untrained_cfg(),
         device=DEVICE,
         scratch=f"{R}/byol/untrained/seed{{seed}}",
     log:

@@ -147,6 +147,12 @@ def latent_cfg(wildcards):
     return params_of("latent", wildcards.model)
 
 
+def untrained_cfg():
+    """The untrained control depends only on the architecture, not on training keys."""
+    flat = byol_params(config, "baseline")
+    return as_param({k: flat[k] for k in ("backbone", "proj_dim", "proj_hidden")})
+
+
 def byol_cfg(wildcards):
     return params_of("byol", wildcards.variant)
 

@@ -1,0 +1,229 @@
+"""Benchmark: BYOL step throughput with on-device augmentation vs model-only vs a CPU recipe.
+
+    python bench/bench_byol.py --device cuda --batch-size 256 --steps 50        # the GPU figures
+    python bench/bench_byol.py --device cpu --batch-size 64 --steps 5 --cases resnet18_cifar:32 \\
+        smallconv:8 --workers 1                                                 # CPU side by side
+    python bench/bench_byol.py --accuracy --epochs 30                           # digits top-1
+
+(a) end to end: uint8 data resident on the device, per-sample augmentation there, BYOL step;
+(b) model only: the same step on one batch already on the device (no augmentation);
+(c) CPU recipe: torchvision.transforms.v2 per sample in DataLoader workers, then the same step.
+Ratios a/b (goal >= 0.9 on a GPU) and a/c (goal >= 3 on a GPU) are printed per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.augment import AugmentParams, augment, normalise, to_float  # noqa: E402
+from pipeline.backbones import build_backbone  # noqa: E402
+from pipeline.byol import Batch, Online, Target, byol_step, make_optimizer  # noqa: E402
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _model(backbone, channels, size, dev):
+    torch.manual_seed(0)
+    online = Online(build_backbone(backbone, channels, size), 256, 64).to(dev)
+    target = Target(online).to(dev)
+    if dev.type == "cuda":
+        online.to(memory_format=torch.channels_last)
+        target.to(memory_format=torch.channels_last)
+    opt = make_optimizer("lars" if backbone.startswith("resnet") else "adamw", online, 0.01, 1e-6)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    return online, target, opt, autocast
+
+
+def _timed(fn, steps, warmup, dev):
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+class _TwoViews(torch.utils.data.Dataset):
+    """The CPU recipe: two torchvision v2 views of one uint8 image per __getitem__."""
+
+    def __init__(self, images: np.ndarray, p: AugmentParams):
+        from torchvision.transforms import v2
+
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW
+        size = images.shape[1]
+        s = p.jitter_strength
+        self.tf = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(p.crop_min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(p.flip_prob),
+            v2.RandomApply([v2.ColorJitter(s, s, s, s / 4)], p=p.jitter_prob),
+            v2.RandomGrayscale(p.grayscale_prob),
+            v2.ToDtype(torch.float32, scale=True),
+        ])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return self.tf(x), self.tf(x)
+
+
+def bench_case(backbone, channels, size, args, dev):
+    """Images/s of (a), (b), (c) for one backbone and image size."""
+    n = max(args.batch_size * 4, 2048)
+    rng = np.random.default_rng(0)
+    images_np = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+    online, target, opt, autocast = _model(backbone, channels, size, dev)
+    aug = AugmentParams()
+    mean = torch.full((channels,), 0.5, device=dev)
+    std = torch.full((channels,), 0.25, device=dev)
+    cl = dev.type == "cuda"
+
+    def prep(x):
+        x = normalise(x, mean, std)
+        return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+    images = torch.from_numpy(images_np).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    bsz = args.batch_size
+
+    def e2e():
+        idx = torch.randint(n, (bsz,), generator=g, device=dev)
+        with torch.no_grad():
+            x = to_float(images[idx])
+            b = Batch(prep(augment(x, aug, g)), prep(augment(x, aug, g)))
+        byol_step(online, online, target, opt, b, autocast, 0.99)
+
+    fixed = Batch(prep(to_float(images[:bsz])), prep(to_float(images[bsz:2 * bsz])))
+
+    def model_only():
+        byol_step(online, online, target, opt, fixed, autocast, 0.99)
+
+    res = {}
+    res["a"] = args.steps * bsz / _timed(e2e, args.steps, args.warmup, dev)
+    res["b"] = args.steps * bsz / _timed(model_only, args.steps, args.warmup, dev)
+
+    loader = torch.utils.data.DataLoader(
+        _TwoViews(images_np, aug), batch_size=bsz, shuffle=True, drop_last=True,
+        num_workers=args.workers, pin_memory=dev.type == "cuda",
+        persistent_workers=args.workers > 0)
+    batches = iter(loader)
+
+    def cpu_recipe():
+        nonlocal batches
+        try:
+            v1, v2 = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            v1, v2 = next(batches)
+        b = Batch(prep(v1.to(dev, non_blocking=True)), prep(v2.to(dev, non_blocking=True)))
+        byol_step(online, online, target, opt, b, autocast, 0.99)
+
+    res["c"] = args.steps * bsz / _timed(cpu_recipe, args.steps, args.warmup, dev)
+    return res
+
+
+def accuracy(args):
+    """Linear top-1 on digits for baseline and both neighbour variants (pixel-space neighbours)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.byol import ByolParams, encode_checkpoint, train_byol, training_set
+    from pipeline.config import build
+    from pipeline.evaluate import linear_probe
+    from pipeline.io import load_prepared
+    from pipeline.prepare import PrepareParams, prepare
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_byol_"))
+    prepare(PrepareParams(), tmp / "data.npz")
+    data = load_prepared(tmp / "data.npz")
+    train = training_set(data)
+    # Neighbours in pixel space (euclidean, k=5): a stand-in for the latent-space stage.
+    x = train.images.reshape(len(train.images), -1).astype(np.float32)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    k = 5
+    nn_idx = np.argsort(d, 1)[:, :k]
+    purity = float((train.labels[nn_idx[:, 0]] == train.labels).mean())
+    pq.write_table(pa.table({
+        "id": pa.array(train.ids),
+        "neighbours": pa.FixedSizeListArray.from_arrays(pa.array(train.ids[nn_idx].ravel()), k),
+        "distances": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.sqrt(np.take_along_axis(d, nn_idx, 1)).ravel().astype(np.float32)), k),
+    }).replace_schema_metadata({"metric": "euclidean", "k": str(k),
+                                "purity_at_1": str(purity)}), tmp / "nb.parquet")
+    tr = (data.split == "train") & (data.labels >= 0)
+    te = data.split == "test"
+    params = build(ByolParams, {"epochs": args.epochs, **json.loads(args.params)})
+    print(f"digits, pixel-space neighbours k={k} (purity@1 {purity:.3f}), "
+          f"{args.epochs} epochs, params {args.params}, seeds {args.seeds}")
+    for variant in ("untrained", "baseline", "probabilistic", "weighted"):
+        accs, secs = [], []
+        for seed in args.seeds:
+            out = tmp / f"{variant}{seed}.pt"
+            t0 = time.time()
+            train_byol(params, "baseline" if variant == "untrained" else variant, seed,
+                       tmp / "data.npz", tmp / "nb.parquet", out, tmp / "s.pt", tmp / "h.csv",
+                       tmp / "l.png", args.device, untrained=variant == "untrained")
+            secs.append(time.time() - t0)
+            f, _ = encode_checkpoint(out, data, args.device)
+            accs.append(linear_probe(f[tr], data.labels[tr], f[te], data.labels[te], seed=seed))
+        print(f"  {variant:<14} top1 {np.mean(accs):.4f} +- {np.std(accs):.4f}  "
+              f"({np.mean(secs):.1f} s/run)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=8, help="DataLoader workers for (c)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cases", nargs="+", default=["resnet18_cifar:32"],
+                    help="backbone:side[:channels] pairs, e.g. resnet18_cifar:32 smallconv:8:1")
+    ap.add_argument("--accuracy", action="store_true", help="digits linear top-1 instead")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--params", default="{}", help="flat BYOL params (JSON) for --accuracy")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pipeline.device import describe, resolve_device
+
+    dev = resolve_device(args.device)
+    args.device = str(dev)
+    cpu = platform.processor() or platform.machine()
+    print(f"# {describe(dev)}, torch {torch.__version__}, {cpu}, batch {args.batch_size}, "
+          f"{args.steps} timed steps after {args.warmup}")
+    if args.accuracy:
+        accuracy(args)
+        return
+    print(f"{'case':<22}{'(a) e2e':>12}{'(b) model':>12}{'(c) cpu':>12}{'a/b':>8}{'a/c':>8}")
+    for case in args.cases:
+        parts = case.split(":")
+        backbone, size = parts[0], int(parts[1])
+        channels = int(parts[2]) if len(parts) > 2 else (3 if backbone.startswith("resnet") else 1)
+        r = bench_case(backbone, channels, size, args, dev)
+        print(f"{case:<22}{r['a']:>12.0f}{r['b']:>12.0f}{r['c']:>12.0f}"
+              f"{r['a'] / r['b']:>8.2f}{r['a'] / r['c']:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

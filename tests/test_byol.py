@@ -1,0 +1,347 @@
+"""BYOL: EMA, loss, variants, resumable training, encoder export, and bad-input errors."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import pipeline.byol as byol
+from pipeline import PipelineError
+from pipeline.augment import AugmentParams
+from pipeline.backbones import build_backbone, resolve_backbone
+from pipeline.byol import (
+    ByolParams,
+    Online,
+    Target,
+    Views,
+    ema_update,
+    encode_checkpoint,
+    make_optimizer,
+    symmetric_loss,
+    tau_at,
+    train_byol,
+)
+from pipeline.io import Prepared, load_prepared, save_prepared
+
+TINY = dict(backbone="smallconv", epochs=2, batch_size=16, proj_dim=8, proj_hidden=16,
+            warmup_epochs=1, checkpoint_every=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    n_train, n_test = 40, 12
+    labels = np.arange(n_train + n_test) % 2
+    images = rng.integers(0, 60, (n_train + n_test, 8, 8, 1)).astype(np.uint8)
+    images[labels == 1, 2:6, 3:5] = 250  # class 1: a bright bar
+    split = np.array(["train"] * n_train + ["test"] * n_test)
+    path = tmp_path / "data.npz"
+    save_prepared(path, Prepared(images, labels.astype(np.int64), split,
+                                 np.arange(100, 100 + n_train + n_test, dtype=np.int64),
+                                 ["a", "b"]))
+    return path
+
+
+def write_neighbours(path, ids, k=3):
+    n = len(ids)
+    nbrs = np.stack([ids[(np.arange(n) + j) % n] for j in range(1, k + 1)], 1)
+    table = pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "neighbours": pa.FixedSizeListArray.from_arrays(pa.array(nbrs.ravel(), pa.int64()), k),
+        "distances": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ones(n * k, np.float32), pa.float32()), k),
+    }).replace_schema_metadata({"purity_at_1": "0.5", "purity_at_k": "0.5",
+                                "metric": "euclidean", "k": str(k)})
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture
+def neighbours(tmp_path, data):
+    return write_neighbours(tmp_path / "nb.parquet", np.arange(100, 140, dtype=np.int64))
+
+
+def run(tmp_path, data, name, variant="baseline", nb=None, seed=0, **kw):
+    d = tmp_path / name
+    out = d / "encoder.pt"
+    train_byol(ByolParams(**{**TINY, **kw}), variant, seed, data, nb, out, d / "state.pt",
+               d / "history.csv", d / "loss.png", "cpu")
+    return out
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["encoder"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def tiny_online():
+    torch.manual_seed(0)
+    return Online(build_backbone("smallconv", 1, 8), 16, 8)
+
+
+# ------------------------------------------------------------------- EMA, loss, target
+
+
+def test_ema_matches_hand_computation_and_copies_buffers():
+    online = tiny_online()
+    target = Target(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.fill_(1.0)
+        for p in target.parameters():
+            p.fill_(0.0)
+        online.encoder.features[1].running_mean.fill_(3.0)
+    ema_update(target, online, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in target.parameters())
+    ema_update(target, online, 0.5)  # 0.5 * 0.1 + 0.5 * 1
+    assert all(torch.allclose(p, torch.full_like(p, 0.55)) for p in target.parameters())
+    assert torch.equal(target.encoder.features[1].running_mean, torch.full((32,), 3.0))
+    assert tau_at(0, 100, 0.99) == pytest.approx(0.99)
+    assert tau_at(50, 100, 0.99) == pytest.approx(0.995)
+    assert tau_at(100, 100, 0.99) == pytest.approx(1.0)
+    assert tau_at(25, 100, 0.9) == pytest.approx(1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_target_has_no_gradients_and_is_not_optimised():
+    online = tiny_online()
+    target = Target(online)
+    assert not any(p.requires_grad for p in target.parameters())
+    for name in ("adamw", "sgd", "lars"):
+        opt = make_optimizer(name, online, 0.1, 1e-4)
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert in_opt == {id(p) for p in online.parameters()}
+        assert not in_opt & {id(p) for p in target.parameters()}
+    x = torch.rand(4, 1, 8, 8)
+    _, p1 = online(x)
+    _, p2 = online(x.flip(-1))
+    with torch.no_grad():
+        z1, z2 = target(x), target(x.flip(-1))
+    symmetric_loss(p1, p2, z1, z2).backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert all(p.grad is not None for p in online.parameters())
+
+
+def test_loss_is_symmetric_and_matches_hand_values():
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(5, 7, generator=g) for _ in range(4))
+    assert torch.equal(symmetric_loss(p1, p2, z1, z2), symmetric_loss(p2, p1, z2, z1))
+    z = torch.randn(3, 4, generator=g)
+    assert symmetric_loss(z, z, 2 * z, 3 * z).item() == pytest.approx(0.0, abs=1e-6)
+    assert symmetric_loss(z, z, -z, -z).item() == pytest.approx(8.0)  # 4 per view order
+    e = torch.eye(2)
+    assert symmetric_loss(e[:1], e[:1], e[1:], e[1:]).item() == pytest.approx(4.0)
+
+
+def test_lars_trust_ratio_step():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]).view(1, 2))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = byol.LARS([{"params": [w], "weight_decay": 0.0},
+                     {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+                    lr=1.0, eta=0.01)
+    w.grad = torch.tensor([[0.0, 10.0]])  # ||g|| = 10 -> trust 0.01 * 5 / 10
+    b.grad = torch.tensor([2.0])
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0 - 0.005 * 10]]))
+    assert torch.allclose(b.detach(), torch.tensor([-1.0]))  # plain SGD step
+
+
+# ------------------------------------------------------------------- variants
+
+
+class IndexViews(Views):
+    """Views that return the image index itself, to see which image fed each view."""
+
+    def view(self, idx, g):
+        return idx.clone()
+
+
+def test_probabilistic_uses_neighbours_at_the_rate_per_sample():
+    n, k = 2000, 5
+    table = (torch.arange(n).view(-1, 1) + torch.arange(1, k + 1)) % n
+    views = IndexViews(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), table, AugmentParams(),
+                       lambda x: x)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:512]
+    fracs = {}
+    for p in (0.0, 0.5, 1.0):
+        b = byol._probabilistic(views, idx, torch.Generator().manual_seed(1),
+                                torch.Generator().manual_seed(2), ByolParams(p_neighbour=p))
+        assert torch.equal(b.v1, idx)
+        from_nb = b.v2 != idx
+        fracs[p] = from_nb.float().mean().item()
+        assert b.neighbour_use == pytest.approx(fracs[p])
+        offsets = ((b.v2 - idx) % n)[from_nb]
+        assert bool(((offsets >= 1) & (offsets <= k)).all())  # always one of the k neighbours
+        if p == 0.5:
+            # per-sample choice: every neighbour rank used, roughly uniformly
+            counts = torch.bincount(offsets, minlength=k + 1)[1:]
+            assert (counts > 0.1 * from_nb.sum()).all()
+    assert fracs[0.0] == 0.0 and fracs[1.0] == 1.0
+    assert 0.43 < fracs[0.5] < 0.57
+
+
+def test_weighted_with_zero_weight_equals_baseline_exactly(tmp_path, data, neighbours):
+    a = run(tmp_path, data, "base")
+    b = run(tmp_path, data, "w0", "weighted", neighbours, pos_weight=0.0)
+    c = run(tmp_path, data, "w5", "weighted", neighbours, pos_weight=0.5)
+    assert same_weights(weights(a), weights(b))
+    assert not same_weights(weights(a), weights(c))
+    # Probabilistic with p = 0 never takes a neighbour, so it is also the baseline.
+    d = run(tmp_path, data, "p0", "probabilistic", neighbours, p_neighbour=0.0)
+    assert same_weights(weights(a), weights(d))
+
+
+# ------------------------------------------------------------------- training, resume, export
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data, monkeypatch,
+                                                                  capsys):
+    straight = run(tmp_path, data, "straight", epochs=3)
+    real_stream = byol._stream
+
+    def fail_in_epoch_three(seed, epoch, stream, device):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real_stream(seed, epoch, stream, device)
+
+    monkeypatch.setattr(byol, "_stream", fail_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data, "resumed", epochs=3)
+    state = tmp_path / "resumed" / "state.pt"
+    assert state.exists() and not (tmp_path / "resumed" / "encoder.pt").exists()
+    ck = torch.load(state, weights_only=True)
+    assert ck["epoch"] == 2 and ck["step"] == 4 and len(ck["history"]) == 2
+    assert set(ck) >= {"params", "variant", "seed", "online", "target", "optimizer", "rng",
+                       "history", "provenance"}
+    monkeypatch.setattr(byol, "_stream", real_stream)
+    capsys.readouterr()
+    resumed = run(tmp_path, data, "resumed", epochs=3)
+    assert "resuming from epoch 2" in capsys.readouterr().err
+    assert same_weights(weights(straight), weights(resumed))
+    assert not state.exists()
+    hist = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
+    assert hist[0] == "epoch,loss,lr,tau,neighbour_use,spread,images_per_s,seconds"
+    assert len(hist) == 4 and (tmp_path / "resumed" / "loss.png").stat().st_size > 0
+
+
+def test_stale_state_for_other_params_is_ignored(tmp_path, data, monkeypatch, capsys):
+    real_stream = byol._stream
+    monkeypatch.setattr(byol, "_stream", lambda s, e, *a: (_ for _ in ()).throw(
+        KeyboardInterrupt()) if e == 1 else real_stream(s, e, *a))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data, "x")
+    monkeypatch.setattr(byol, "_stream", real_stream)
+    capsys.readouterr()
+    run(tmp_path, data, "x", lr=0.001)
+    assert "ignoring" in capsys.readouterr().err
+
+
+def test_encode_checkpoint_features_and_flat_summary(tmp_path, data, neighbours):
+    out = run(tmp_path, data, "p", "probabilistic", neighbours, p_neighbour=1.0)
+    prepared = load_prepared(data)
+    feats, summary = encode_checkpoint(out, prepared, "cpu")
+    assert feats.shape == (len(prepared.images), 512) and feats.dtype == np.float32
+    assert np.isfinite(feats).all()
+    assert summary["variant"] == "probabilistic" and summary["backbone"] == "smallconv"
+    assert summary["epochs"] == 2 and summary["neighbour_use"] == 1.0
+    assert summary["collapsed"] is False
+    assert all(isinstance(v, (int, float, str, bool)) for v in summary.values())
+    assert {"train_seconds", "device", "final_loss"} <= set(summary)
+    # Same features in any batch size: no augmentation, eval mode.
+    again, _ = encode_checkpoint(out, prepared, "cpu", batch_size=7)
+    np.testing.assert_allclose(feats, again, rtol=1e-5, atol=1e-5)
+
+
+def test_untrained_writes_only_the_seeded_initial_encoder(tmp_path, data):
+    d = tmp_path / "u"
+    for name in ("a", "b"):
+        train_byol(ByolParams(**TINY), "baseline", 3, data, None, d / f"{name}.pt",
+                   d / "state.pt", d / "h.csv", d / "l.png", "cpu", untrained=True)
+    assert sorted(p.name for p in d.iterdir()) == ["a.pt", "b.pt"]
+    assert same_weights(weights(d / "a.pt"), weights(d / "b.pt"))
+    feats, summary = encode_checkpoint(d / "a.pt", load_prepared(data), "cpu")
+    assert summary["variant"] == "untrained" and summary["epochs"] == 0
+    assert feats.shape == (52, 512)
+
+
+@pytest.mark.parametrize("name, channels, size, dim", [
+    ("smallconv", 1, 8, 512), ("smallconv", 1, 28, 512), ("smallconv", 3, 16, 512),
+    ("resnet18_cifar", 3, 32, 512), ("resnet18_cifar", 1, 32, 512),
+    ("resnet18", 3, 64, 512), ("resnet18", 1, 96, 512), ("resnet50", 3, 64, 2048),
+])
+def test_backbones_map_their_sizes_to_vectors(name, channels, size, dim):
+    net = build_backbone(name, channels, size).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, channels, size, size))
+    assert out.shape == (2, dim) and net.out_dim == dim
+
+
+def test_auto_backbone_by_image_side():
+    assert [resolve_backbone("auto", s) for s in (8, 28, 31, 32, 63, 64, 96)] == [
+        "smallconv", "smallconv", "smallconv", "resnet18_cifar", "resnet18_cifar", "resnet18",
+        "resnet18"]
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_name_the_problem_and_leave_no_output(tmp_path, data, neighbours,
+                                                        monkeypatch):
+    out = tmp_path / "bad" / "encoder.pt"
+    with pytest.raises(PipelineError, match=r"^byol param 'p_neighbour' must be in \[0, 1\], "
+                                            r"got 1\.5$"):
+        run(tmp_path, data, "bad", "probabilistic", neighbours, p_neighbour=1.5)
+    with pytest.raises(PipelineError, match=r"^byol param 'pos_weight' must be in \[0, 1\], "
+                                            r"got -0\.1$"):
+        run(tmp_path, data, "bad", "weighted", neighbours, pos_weight=-0.1)
+    with pytest.raises(PipelineError, match=r"^BYOL variant 'weighted' needs a neighbours file "
+                                            r"\(--neighbours\)$"):
+        run(tmp_path, data, "bad", "weighted", None)
+    with pytest.raises(PipelineError, match=r"^unknown BYOL variant 'nnclr'; choose one of: "
+                                            r"baseline, probabilistic, weighted$"):
+        run(tmp_path, data, "bad", "nnclr")
+    with pytest.raises(PipelineError, match=r"^unknown backbone 'vit'; choose one of: auto, "
+                                            r"smallconv, resnet18_cifar, resnet18, resnet50$"):
+        run(tmp_path, data, "bad", backbone="vit")
+    other = write_neighbours(tmp_path / "other.parquet", np.arange(40, dtype=np.int64))
+    with pytest.raises(PipelineError, match=rf"^neighbours file {other} is for another data "
+                                            r"set: ids do not match the 40 training ids of the "
+                                            r"prepared data \(40 rows, 160 unknown ids\)$"):
+        run(tmp_path, data, "bad", "probabilistic", other)
+    assert not out.exists()
+
+    monkeypatch.setattr(byol, "symmetric_loss", lambda *a: torch.tensor(float("nan"),
+                                                                          requires_grad=True))
+    with pytest.raises(PipelineError, match=r"^BYOL variant 'baseline' diverged: loss is nan in "
+                                            r"epoch 1; lower byol.lr or check the data$"):
+        run(tmp_path, data, "bad")
+    assert not out.exists() and not (tmp_path / "bad" / "history.csv").exists()
+
+
+def test_collapse_is_flagged_loudly(tmp_path, data, monkeypatch, capsys):
+    # Any real spread is below an (absurd) threshold of 10x the isotropic value.
+    monkeypatch.setattr(byol, "COLLAPSE_FRACTION", 10.0)
+    out = run(tmp_path, data, "c", epochs=1)
+    assert "WARNING: representation collapse in BYOL baseline seed 0" in capsys.readouterr().err
+    assert torch.load(out, weights_only=True)["summary"]["collapsed"] is True
+
+
+def test_channel_stats_match_numpy_in_chunks():
+    x = np.random.default_rng(0).integers(0, 256, (37, 4, 5, 3)).astype(np.uint8)
+    mean, std = byol.channel_stats(x, chunk=8)
+    ref = x.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(std, ref.std(0), rtol=1e-8)
