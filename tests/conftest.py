@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -71,6 +72,18 @@ class Workflow:
             if m and m.group(1) not in ("total", "all"):
                 jobs[m.group(1)] = int(m.group(2))
         return jobs
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads(monkeypatch):
+    """In-process CLI calls (`--threads N`) set process-wide thread counts; undo them."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
+    monkeypatch.delenv("OMP_NUM_THREADS")  # restored (or removed) after the test
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

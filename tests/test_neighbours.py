@@ -142,7 +142,10 @@ CLASSES = ["bars", "dots", "ring"]
 
 @pytest.fixture
 def prepared(tmp_path):
-    """30 train, 9 test, 3 unlabelled images of 3 classes; ids deliberately not 0..N-1."""
+    """30 train, 9 test, 3 unlabelled images of 3 classes; ids deliberately not 0..N-1.
+
+    Unlabelled images are training data too (BYOL learns from them): 33 anchors.
+    """
     rng = np.random.default_rng(0)
     n = 42
     labels = np.arange(n) % 3
@@ -191,20 +194,20 @@ def test_find_neighbours_on_latents(tmp_path, prepared, metric):
     assert schema.field("distances").type == pa.list_(pa.float32(), 4)
     ids, nb, dist, meta = load_neighbours(out)
     assert META_KEYS <= set(meta)
-    train = data.split == "train"
+    train = np.isin(data.split, ("train", "unlabeled"))
     np.testing.assert_array_equal(ids, data.ids[train])
-    assert nb.shape == dist.shape == (30, 4)
+    assert nb.shape == dist.shape == (33, 4)
     assert meta["metric"] == metric and meta["k"] == "4" and meta["space"] == "ae"
     assert meta["backend"] == "faiss-cpu-flat" and meta["dataset"] == "tiny"
     assert meta["distance"] == {"euclidean": "l2", "cosine": "cosine"}[metric]
-    assert meta["n"] == "30"
+    assert meta["n"] == "33"
     # Three well-separated clusters of 10: every neighbour shares the anchor's label.
     assert float(meta["purity_at_1"]) == 1.0 and float(meta["purity_at_k"]) == 1.0
     # Neighbours are training ids, never self, at the reference distances.
     pos = {i: p for p, i in enumerate(ids)}
     nb_pos = np.vectorize(pos.get)(nb)
     assert_matches_reference(dist, nb_pos, latent[train], metric, 4)
-    in_deg = np.bincount(nb_pos.ravel(), minlength=30)
+    in_deg = np.bincount(nb_pos.ravel(), minlength=33)
     assert int(meta["hub_max_in_degree"]) == in_deg.max()
     assert float(meta["hub_orphan_fraction"]) == pytest.approx((in_deg == 0).mean())
     assert grid.stat().st_size > 1000
@@ -216,11 +219,11 @@ def test_find_neighbours_on_pixels(tmp_path, prepared):
     find_neighbours(NeighboursParams(k=3, index="ivf", nlist=64, nprobe=64), npz, npz, "cosine",
                     out, tmp_path / "grid.png", "auto")
     ids, nb, dist, meta = load_neighbours(out)
-    assert len(ids) == 30 and meta["space"] == "pixels" and meta["index"] == "ivf"
+    assert len(ids) == 33 and meta["space"] == "pixels" and meta["index"] == "ivf"
     assert meta["backend"] in ("faiss-cpu-ivf", "faiss-gpu-ivf")
-    assert meta["nlist"] == "1"  # 30 training images clamp nlist to max(1, 30 // 39)
-    train = data.split == "train"
-    x = data.images[train].reshape(30, -1).astype(np.float32) / 255
+    assert meta["nlist"] == "1"  # 33 training images clamp nlist to max(1, 33 // 39)
+    train = np.isin(data.split, ("train", "unlabeled"))
+    x = data.images[train].reshape(33, -1).astype(np.float32) / 255
     pos = {i: p for p, i in enumerate(ids)}
     assert_matches_reference(dist, np.vectorize(pos.get)(nb), x, "cosine", 3)
 
@@ -259,9 +262,9 @@ def test_errors_name_the_problem(tmp_path, prepared):
         find_neighbours(NeighboursParams(k=k), source, npz, metric, out, grid, "cpu")
 
     with pytest.raises(PipelineError) as e:
-        run(k=30)
-    assert str(e.value) == (f"neighbours.k = 30 must be less than the number of training images "
-                            f"(30) in {npz}")
+        run(k=33)
+    assert str(e.value) == (f"neighbours.k = 33 must be less than the number of training images "
+                            f"(33) in {npz}")
     with pytest.raises(PipelineError) as e:
         run(metric="manhattan")
     assert str(e.value) == "unknown metric 'manhattan'; use one of: cosine, euclidean"

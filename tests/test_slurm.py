@@ -93,12 +93,19 @@ def test_tiny_dag_on_slurm_matches_local_run(tmp_path, slurm_cluster):
 
     remote = Workflow(tmp_path / "slurm", config)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [SNAKEMAKE, "--workflow-profile", str(tmp_path / "profile"),
-         # Poll squeue every few seconds: the tiny jobs take seconds, not hours.
-         "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
-         "--latency-wait", "10", "--retries", "0"],
-        cwd=remote.path, capture_output=True, text=True, timeout=1200)
+    try:
+        proc = subprocess.run(
+            [SNAKEMAKE, "--workflow-profile", str(tmp_path / "profile"),
+             # Poll squeue every few seconds: the tiny jobs take seconds, not hours.
+             "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
+             "--latency-wait", "10", "--retries", "0"],
+            cwd=remote.path, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        # Jobs that can never start (e.g. asking for more CPUs than the node has) pend forever.
+        queue = subprocess.run(["squeue", "--format=%i %j %T %r %C %m"], capture_output=True,
+                               text=True).stdout
+        subprocess.run(["scancel", "--user", "root"], capture_output=True)
+        pytest.fail(f"the SLURM run did not finish in 900 s; queue:\n{queue}")
     slurm_s = time.perf_counter() - t0
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]

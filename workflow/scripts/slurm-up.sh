@@ -105,7 +105,8 @@ munge -n </dev/null | unmunge >/dev/null 2>&1 || die "munge credentials do not r
 
 # 3. slurm.conf for this one host. Written only when its content changes, so a running
 #    cluster is not disturbed by a second call.
-CPUS=$(nproc)
+# nproc honours OMP_NUM_THREADS, which a caller may have set for itself: count the CPUs.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM_MB=$(free -m | awk '/^Mem:/ {print $2}')
 REAL_MB=$((MEM_MB - MARGIN_MB))
 ((REAL_MB > 512)) || die "only ${MEM_MB} MB of memory; need more than $((MARGIN_MB + 512))"
