@@ -87,5 +87,13 @@ def _restore_threads(monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test's torch work on one thread (restored afterwards by _restore_threads)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
 def workflow(tmp_path) -> Workflow:
     return Workflow(tmp_path, tiny_config())

@@ -31,11 +31,8 @@ MODELS = ("autodecoder", "ae", "vae")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny nets: one thread is fastest and leaves the other core to parallel jobs."""
 
 
 @pytest.fixture(scope="module")
