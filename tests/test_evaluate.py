@@ -70,3 +70,22 @@ def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
     assert pd.isna(df.loc["latent-vae", "purity_at_1"])
     assert list(df.index) == ["pixels", "latent-vae", "byol-untrained", "byol-baseline",
                               "byol-weighted-ae-cosine", "byol-weighted-vae-cosine"]
+
+
+def test_atomic_writes_leave_no_temp_file_and_honour_umask(tmp_path):
+    import os
+
+    from pipeline.io import atomic_path, write_json
+
+    out = tmp_path / "x.json"
+    write_json(out, {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    try:
+        with atomic_path(tmp_path / "y.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
