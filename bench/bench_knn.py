@@ -15,6 +15,7 @@ import argparse
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,13 @@ def make_data(n: int, d: int, kind: str, seed: int = 0) -> np.ndarray:
     return centres[rng.integers(0, 100, n)] + rng.standard_normal((n, d), dtype=np.float32)
 
 
-def run_faiss(x: np.ndarray, k: int, gpu: bool, index: str = "exact") -> np.ndarray:
+def run_faiss(x: np.ndarray, k: int, gpu: bool, index: str = "exact", nprobe: int = 16
+              ) -> np.ndarray:
     from pipeline.neighbours import knn
 
-    # IVF with sqrt(N) cells (k-means cost stays below the flat search), 16 visited per query.
+    # IVF with sqrt(N) cells (k-means cost stays below the flat search).
     nlist = int(np.sqrt(len(x)))
-    return knn(x, k, "euclidean", use_gpu=gpu, index=index, nlist=nlist, nprobe=16)[1]
+    return knn(x, k, "euclidean", use_gpu=gpu, index=index, nlist=nlist, nprobe=nprobe)[1]
 
 
 def run_torch(x: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
@@ -71,7 +73,6 @@ def run_sklearn(x: np.ndarray, k: int) -> np.ndarray:
 RUNNERS = {
     "faiss-cpu": lambda x, k: run_faiss(x, k, gpu=False),
     "faiss-gpu": lambda x, k: run_faiss(x, k, gpu=True),
-    "faiss-ivf": lambda x, k: run_faiss(x, k, gpu=False, index="ivf"),
     "torch": run_torch,
     "sklearn": run_sklearn,
 }
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-max-n", type=int, default=50_000,
                    help="skip torch on CPU and sklearn above this N (quadratic, minutes)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[16],
+                   help="IVF cells visited per query; one faiss-ivf row per value")
     p.add_argument("--openblas-autodetect", action="store_true",
                    help="leave OpenBLAS core detection alone (faiss-cpu's bundled OpenBLAS "
                    "picks generic kernels on recent Xeons); default: as the stage runs")
@@ -118,17 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.device import set_threads
 
     set_threads(a.threads)
+    for nprobe in a.nprobe:
+        RUNNERS[f"faiss-ivf{nprobe}"] = partial(run_faiss, gpu=False, index="ivf", nprobe=nprobe)
+    backends = [b for b in a.backends if b != "faiss-ivf"]
+    if "faiss-ivf" in a.backends:
+        backends[1:1] = [f"faiss-ivf{nprobe}" for nprobe in a.nprobe]
     has_gpu = torch.cuda.is_available() and faiss.get_num_gpus() > 0
     print(f"# {versions()}")
     print(f"# threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}; "
           f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     print(f"# d={a.d}, k={a.k}, data={a.data}, float32; seconds include index build; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(autodetect)')}")
-    print(f"{'N':>9}  {'backend':<10} {'seconds':>9} {'vs sklearn':>11} {'agree':>6}  note")
+    print(f"{'N':>9}  {'backend':<12} {'seconds':>9} {'vs sklearn':>11} {'agree':>6}  note")
     for n in a.n:
         x = make_data(n, a.d, a.data)
         times, ids, notes = {}, {}, {}
-        for b in a.backends:
+        for b in backends:
             torch_on_cpu = b == "torch" and not torch.cuda.is_available()
             if b == "faiss-gpu" and not has_gpu:
                 notes[b] = "skipped: no GPU"
@@ -144,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             notes[b] = "torch on " + ("cuda" if torch.cuda.is_available() else "cpu") \
                 if b == "torch" else ""
         ref = ids.get("faiss-cpu", ids.get("faiss-gpu"))
-        for b in a.backends:
+        for b in backends:
             if b not in times:
-                print(f"{n:>9}  {b:<10} {'-':>9} {'-':>11} {'-':>6}  {notes[b]}")
+                print(f"{n:>9}  {b:<12} {'-':>9} {'-':>11} {'-':>6}  {notes[b]}")
                 continue
             ratio = f"{times['sklearn'] / times[b]:.1f}x" if "sklearn" in times else "-"
             agree = f"{agreement(ids[b], ref):.3f}" if ref is not None else "-"
-            print(f"{n:>9}  {b:<10} {times[b]:>9.2f} {ratio:>11} {agree:>6}  {notes[b]}",
+            print(f"{n:>9}  {b:<12} {times[b]:>9.2f} {ratio:>11} {agree:>6}  {notes[b]}",
                   flush=True)
     return 0
 
