@@ -32,13 +32,17 @@ def latent_features(path: str | Path, data: Prepared) -> tuple[np.ndarray, dict]
 
     table = pq.read_table(path)
     ids = table.column("id").to_numpy()
-    vectors = np.asarray(table.column("latent").to_pylist(), dtype=np.float32)
-    order = {i: r for r, i in enumerate(ids)}
-    missing = [i for i in data.ids[:5] if i not in order]
-    if missing or len(ids) != len(data.ids):
-        raise PipelineError(f"{path}: ids do not match the prepared data set")
+    column = table.column("latent").combine_chunks()
+    vectors = column.flatten().to_numpy().reshape(len(ids), column.type.list_size)
+    mismatch = PipelineError(f"{path}: ids do not match the prepared data set")
+    if len(ids) != len(data.ids) or not len(ids):
+        raise mismatch
+    sorter = np.argsort(ids)
+    pos = sorter[np.minimum(np.searchsorted(ids, data.ids, sorter=sorter), len(ids) - 1)]
+    if not (ids[pos] == data.ids).all():
+        raise mismatch
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return vectors[[order[i] for i in data.ids]], meta
+    return vectors[pos].astype(np.float32), meta
 
 
 def linear_probe(

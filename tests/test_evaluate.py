@@ -89,3 +89,31 @@ def test_atomic_writes_leave_no_temp_file_and_honour_umask(tmp_path):
     except RuntimeError:
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_latent_features_align_by_id_and_reject_other_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from pipeline import PipelineError
+    from pipeline.evaluate import latent_features
+    from pipeline.io import load_prepared
+
+    prepare(PrepareParams(name="synthetic"), tmp_path / "d.npz")
+    data = load_prepared(tmp_path / "d.npz")
+    order = np.random.default_rng(0).permutation(len(data.ids))
+    vectors = np.stack([data.ids, -data.ids], 1).astype(np.float32)[order]
+
+    def write(ids):
+        pq.write_table(pa.table({"id": ids, "latent": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.ravel()), 2)}), tmp_path / "l.parquet")
+
+    write(data.ids[order])
+    feats, _ = latent_features(tmp_path / "l.parquet", data)
+    np.testing.assert_array_equal(feats[:, 0], data.ids.astype(np.float32))
+    wrong = data.ids[order].copy()
+    wrong[3] = 10**6
+    write(wrong)
+    with pytest.raises(PipelineError, match="ids do not match the prepared data set"):
+        latent_features(tmp_path / "l.parquet", data)
