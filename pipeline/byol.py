@@ -479,7 +479,7 @@ def train_byol(
                             f"{len(train.images)}")
     n, size, _, channels = train.images.shape
     backbone = resolve_backbone(params.backbone, min(size, train.images.shape[2]))
-    nb_table = None
+    nb_table, title = None, f"BYOL {variant}"
     if variant in NEEDS_NEIGHBOURS:
         if neighbours is None:
             raise PipelineError(f"BYOL variant {variant!r} needs a neighbours file "
@@ -487,6 +487,7 @@ def train_byol(
         nb_table, nb_meta = read_neighbours(neighbours, train.ids)
         log.info("neighbours %s: k=%d metric=%s purity@1=%s", neighbours, nb_table.shape[1],
                  nb_meta.get("metric", "?"), nb_meta.get("purity_at_1", "?"))
+        title += f", {nb_meta.get('space', '?')} {nb_meta.get('metric', '?')} neighbours"
     mean, std = channel_stats(train.images)
 
     online, target = _init_models(params, seed, channels, size)
@@ -631,7 +632,7 @@ def train_byol(
     from pipeline.plots import loss_curves
 
     loss_curves({"BYOL loss": [r["loss"] for r in rows]}, loss_plot,
-                title=f"BYOL {variant}, seed {seed}")
+                title=f"{title}, seed {seed}")
     encoder = {k: v.detach().cpu() for k, v in online.encoder.state_dict().items()}
     _save_atomic({**base, "variant": variant, "encoder": encoder, "summary": summary}, out)
     state.unlink(missing_ok=True)
