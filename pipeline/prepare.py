@@ -144,8 +144,10 @@ def _torchvision(p: PrepareParams, make: Callable[[str, str, bool], object], spl
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
         hint = "" if p.download else "; set dataset.download: true to fetch it"
         raise PipelineError(
-            f"{p.name} {split} split not found or corrupted under dataset.root {str(root)!r}{hint}"
-            f" ({e})"
+            # torchvision checks every file of CIFAR and STL10 whichever split it loads, so
+            # name the split being loaded, not a missing file.
+            f"{p.name} files not found or corrupted under dataset.root {str(root)!r} (while "
+            f"loading its {split} split){hint} ({e})"
         ) from None
     except OSError as e:  # network failures during download
         raise PipelineError(f"{p.name}: download into {str(root)!r} failed: {e}") from None

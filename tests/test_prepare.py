@@ -188,7 +188,8 @@ def test_mnist_style_from_local_files(tmp_path, name, folder):
 
 
 def test_torchvision_set_missing_files_is_actionable(tmp_path):
-    with pytest.raises(PipelineError, match=r"mnist train split not found .* set dataset.download"):
+    with pytest.raises(PipelineError, match=r"mnist files not found .*\(while loading its "
+                                            r"train split\); set dataset.download"):
         prepare(params(name="mnist", root=str(tmp_path)), tmp_path / "o.npz")
 
 

@@ -278,8 +278,8 @@ def test_missing_files_name_set_split_root_and_download(tmp_path, name, split):
     failing = split if name == "svhn" else "train"
     message = str(err.value)
     assert message.startswith(
-        f"{name} {failing} split not found or corrupted under dataset.root {str(root)!r}; "
-        "set dataset.download: true to fetch it"
+        f"{name} files not found or corrupted under dataset.root {str(root)!r} (while loading "
+        f"its {failing} split); set dataset.download: true to fetch it"
     )
     assert "\n" not in message
     assert not out.exists()
@@ -289,7 +289,7 @@ def test_cifar_metadata_missing_is_reported(tmp_path):
     x = fake_images(N_TRAIN, 32, 0)
     write_cifar10(tmp_path, x, [0] * N_TRAIN, x, [0] * N_TRAIN, CIFAR10_CLASSES)
     (tmp_path / "cifar-10-batches-py" / "batches.meta").unlink()
-    with pytest.raises(PipelineError, match=r"^cifar10 train split not found or corrupted .*"
+    with pytest.raises(PipelineError, match=r"^cifar10 files not found or corrupted .*train split.*"
                                             r"dataset.download: true.*metadata file"):
         prepare(PrepareParams(name="cifar10", root=str(tmp_path)), tmp_path / "o.npz")
 
