@@ -170,7 +170,6 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
         "train_seconds": round(train_seconds, 2),
         "device": describe(dev),
         "data": str(data),
-        # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
         "provenance": provenance(),
     }
     from pipeline.plots import loss_curves
