@@ -21,7 +21,15 @@ from torch import nn
 from pipeline import PipelineError
 from pipeline.augment import AugmentParams, augment, normalise, to_float
 from pipeline.backbones import build_backbone, resolve_backbone
-from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
+from pipeline.io import (
+    TRAINING_SPLITS,
+    Prepared,
+    atomic_path,
+    load_neighbours,
+    load_prepared,
+    locate,
+    provenance,
+)
 
 log = logging.getLogger("pipeline.byol")
 
@@ -307,26 +315,9 @@ def read_neighbours(path: str | Path, ids: np.ndarray) -> tuple[np.ndarray, dict
 
     Raises PipelineError when the file's ids are not exactly the training ids.
     """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"neighbours file not found: {path}")
-    table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    rows = table.column("id").to_numpy().astype(np.int64)
-    col = table.column("neighbours").combine_chunks()
-    k = col.type.list_size
-    nbrs = col.flatten().to_numpy().astype(np.int64).reshape(-1, k)
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-
-    def lookup(values):
-        pos = np.searchsorted(sorted_ids, values).clip(max=len(ids) - 1)
-        return order[pos], sorted_ids[pos] == values
-
-    anchor, ok_a = lookup(rows)
-    nb, ok_n = lookup(nbrs)
+    rows, nbrs, _, meta = load_neighbours(path)
+    anchor, ok_a = locate(ids, rows)
+    nb, ok_n = locate(ids, nbrs)
     if len(rows) != len(ids) or not ok_a.all() or not ok_n.all() or \
             len(np.unique(rows)) != len(rows):
         raise PipelineError(

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline import PipelineError
 from pipeline.config import parse_run_name
-from pipeline.io import Prepared, load_prepared, provenance, write_json
+from pipeline.io import Prepared, load_prepared, locate, provenance, read_latents, write_json
 
 
 @dataclass
@@ -28,21 +28,11 @@ def pixel_features(data: Prepared) -> np.ndarray:
 
 def latent_features(path: str | Path, data: Prepared) -> tuple[np.ndarray, dict]:
     """Latent vectors from ``latents.parquet``, aligned to ``data.ids``; plus file metadata."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    ids = table.column("id").to_numpy()
-    column = table.column("latent").combine_chunks()
-    vectors = column.flatten().to_numpy().reshape(len(ids), column.type.list_size)
-    mismatch = PipelineError(f"{path}: ids do not match the prepared data set")
-    if len(ids) != len(data.ids) or not len(ids):
-        raise mismatch
-    sorter = np.argsort(ids)
-    pos = sorter[np.minimum(np.searchsorted(ids, data.ids, sorter=sorter), len(ids) - 1)]
-    if not (ids[pos] == data.ids).all():
-        raise mismatch
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return vectors[pos].astype(np.float32), meta
+    ids, vectors, meta = read_latents(path)
+    pos, found = locate(ids, data.ids)
+    if len(ids) != len(data.ids) or not found.all():
+        raise PipelineError(f"{path}: ids do not match the prepared data set")
+    return vectors[pos], meta
 
 
 def linear_probe(

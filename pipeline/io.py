@@ -126,6 +126,79 @@ def load_prepared(path: str | os.PathLike) -> Prepared:
         )
 
 
+def read_latents(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """ids (N,), latent vectors (N, d) float32 and metadata of a ``latents.parquet``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["id", "latent"])
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise PipelineError(f"{path}: cannot read latents ({e})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    ids = table.column("id").to_numpy().astype(np.int64)
+    col = table.column("latent").combine_chunks()
+    if len(col) == 0:
+        raise PipelineError(f"{path}: no rows")
+    if pa.types.is_fixed_size_list(col.type):
+        dim = col.type.list_size
+    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        if (lengths != lengths[0]).any():
+            raise PipelineError(f"{path}: latent vectors differ in length")
+        dim = int(lengths[0])
+    else:
+        raise PipelineError(f"{path}: column 'latent' must be a list of floats, got {col.type}")
+    if col.null_count:
+        raise PipelineError(f"{path}: {col.null_count} rows have no latent vector")
+    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
+    return ids, x, meta
+
+
+def load_neighbours(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
+    """Read a ``neighbours.parquet``.
+
+    Returns:
+        ids: (N,) int64 anchor ids; neighbours: (N, k) int64 ids, nearest first;
+        distances: (N, k) float32; meta: schema metadata as str -> str.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"neighbours not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise PipelineError(f"{path}: cannot read neighbours ({e})") from None
+    missing = {"id", "neighbours", "distances"} - set(table.column_names)
+    if missing:
+        raise PipelineError(f"{path}: missing columns {sorted(missing)}")
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    n = table.num_rows
+
+    def matrix(name, dtype):
+        col = table.column(name).combine_chunks()
+        return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(n, -1)
+
+    return (table.column("id").to_numpy().astype(np.int64), matrix("neighbours", np.int64),
+            matrix("distances", np.float32), meta)
+
+
+def locate(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``wanted`` ids in ``ids`` (any order), and which of them were found.
+
+    Returns:
+        pos: (M,) int64 indices into ``ids`` (meaningless where not found); found: (M,) bool.
+    """
+    if len(ids) == 0:
+        return np.zeros(len(wanted), dtype=np.int64), np.zeros(len(wanted), dtype=bool)
+    sorter = np.argsort(ids)
+    pos = sorter[np.minimum(np.searchsorted(ids, wanted, sorter=sorter), len(ids) - 1)]
+    return pos, ids[pos] == wanted
+
+
 def code_version() -> str:
     """Package version plus the git commit of the source tree, when there is one."""
     here = Path(__file__).resolve().parent.parent

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, code_version, load_prepared
+from pipeline.io import (
+    TRAINING_SPLITS,
+    Prepared,
+    atomic_path,
+    code_version,
+    load_prepared,
+    locate,
+    read_latents,
+)
 
 # Query count from which FAISS computes distances as one BLAS matrix product; faiss 1.15
 # defaults to 128000, but its blocked sgemm path is 1.4-2.7x faster here for any chunk.
@@ -295,35 +303,6 @@ def hubness(neighbour_index: np.ndarray, n: int) -> tuple[int, float]:
     return int(counts.max()), float((counts == 0).mean())
 
 
-def _read_latents(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """ids (N,), latent vectors (N, d) float32 and metadata of a ``latents.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["id", "latent"])
-    except (OSError, pa.ArrowInvalid, KeyError) as e:
-        raise PipelineError(f"{path}: cannot read latents ({e})") from None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    ids = table.column("id").to_numpy().astype(np.int64)
-    col = table.column("latent").combine_chunks()
-    if len(col) == 0:
-        raise PipelineError(f"{path}: no rows")
-    if pa.types.is_fixed_size_list(col.type):
-        dim = col.type.list_size
-    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
-        if (lengths != lengths[0]).any():
-            raise PipelineError(f"{path}: latent vectors differ in length")
-        dim = int(lengths[0])
-    else:
-        raise PipelineError(f"{path}: column 'latent' must be a list of floats, got {col.type}")
-    if col.null_count:
-        raise PipelineError(f"{path}: {col.null_count} rows have no latent vector")
-    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
-    return ids, x, meta
-
-
 def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str, str]]:
     """Vectors of the training images of ``data``, in its order; plus space name and metadata.
 
@@ -343,22 +322,19 @@ def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str
         raise PipelineError(f"cannot read neighbours source {source}: expected .parquet or .npz")
     if not source.exists():
         raise PipelineError(f"latents not found: {source}")
-    ids, x, meta = _read_latents(source)
+    ids, x, meta = read_latents(source)
     bad = int((~np.isfinite(x).all(axis=1)).sum())
     if bad:
         raise PipelineError(f"{source}: {bad} of {len(x)} latent rows contain NaN or infinite "
                             "values")
-    sorter = np.argsort(ids)
-    pos = np.searchsorted(ids, data.ids[train], sorter=sorter)
-    pos = np.minimum(pos, len(ids) - 1)
-    found = ids[sorter[pos]] == data.ids[train]
+    pos, found = locate(ids, data.ids[train])
     unknown = np.setdiff1d(ids, data.ids).size
     if not found.all() or unknown or len(np.unique(ids)) != len(ids):
         raise PipelineError(
             f"{source}: ids do not match the prepared data set ({int((~found).sum())} training "
             f"ids missing, {unknown} ids unknown, {len(ids) - len(np.unique(ids))} duplicated)"
         )
-    return x[sorter[pos]], meta.get("model", source.parent.name), meta
+    return x[pos], meta.get("model", source.parent.name), meta
 
 
 def _frame(img: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
@@ -481,37 +457,6 @@ def find_neighbours(
     title = (f"{space} / {metric}: purity@1 {p1:.2f}, purity@{k} {pk:.2f}\n"
              "border: blue anchor, green same label, red other label, grey unknown")
     neighbour_grid(train, I_pos, Path(grid), title)
-
-
-def load_neighbours(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
-    """Read a ``neighbours.parquet``.
-
-    Returns:
-        ids: (N,) int64 anchor ids; neighbours: (N, k) int64 ids, nearest first;
-        distances: (N, k) float32; meta: schema metadata as str -> str.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"neighbours not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise PipelineError(f"{path}: cannot read neighbours ({e})") from None
-    missing = {"id", "neighbours", "distances"} - set(table.column_names)
-    if missing:
-        raise PipelineError(f"{path}: missing columns {sorted(missing)}")
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    n = table.num_rows
-
-    def matrix(name, dtype):
-        col = table.column(name).combine_chunks()
-        return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(n, -1)
-
-    return (table.column("id").to_numpy().astype(np.int64), matrix("neighbours", np.int64),
-            matrix("distances", np.float32), meta)
 
 
 def purity_table(inputs: list[Path], out: Path) -> None:

@@ -9,9 +9,9 @@ import torch
 
 from pipeline.augment import AugmentParams, augment
 from pipeline.byol import ByolParams, encode_checkpoint, train_byol
-from pipeline.io import load_prepared
+from pipeline.io import load_neighbours, load_prepared
 from pipeline.latent import LatentParams, export_latents, train_latent
-from pipeline.neighbours import NeighboursParams, find_neighbours, load_neighbours
+from pipeline.neighbours import NeighboursParams, find_neighbours
 from pipeline.prepare import PrepareParams, SyntheticParams, prepare
 
 pytestmark = [

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from pipeline import PipelineError
-from pipeline.io import Prepared, save_prepared
+from pipeline.io import Prepared, load_neighbours, save_prepared
 from pipeline.neighbours import (
     NeighboursParams,
     find_neighbours,
     hubness,
     knn,
-    load_neighbours,
     purity,
     purity_table,
 )
