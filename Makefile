@@ -5,8 +5,8 @@ VENV ?= .venv
 EXTRAS ?= cpu,test
 CORES ?= 8
 BIN := $(VENV)/bin
-# Snakemake only finds profiles/default beside the Snakefile, so name the local profile.
-SMK := $(BIN)/snakemake --workflow-profile workflow/profiles/default
+# Snakemake loads the local profile from profiles/default (a link to workflow/profiles/default).
+SMK := $(BIN)/snakemake
 
 .PHONY: install run test lint report bench clean
 install: $(VENV)/.installed-$(EXTRAS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,7 +16,9 @@ import yaml
 
 from pipeline import PipelineError
 
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+WORKFLOW = Path(__file__).resolve().parent.parent / "workflow"
+SCHEMA = WORKFLOW / "schemas" / "config.schema.yaml"
+PRESETS = WORKFLOW / "presets"
 
 LATENT_MODELS = ("autodecoder", "ae", "vae")
 METRICS = ("euclidean", "cosine")
@@ -33,6 +37,77 @@ def _apply_defaults(instance: dict, schema: dict) -> None:
             _apply_defaults(instance[key], sub)
 
 
+def _types(sub: dict) -> set[str]:
+    kind = sub.get("type", [])
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def coerce_strings(value: Any, sub: dict) -> Any:
+    """Type ``--config`` values by the schema.
+
+    Snakemake parses a nested ``--config 'byol={"epochs": 2}'`` with YAML's base loader, so
+    every leaf arrives as a string; a leaf whose schema admits no string is parsed as YAML
+    (``"2"`` -> 2, ``"true"`` -> True, ``"null"`` -> None). Values already typed are kept.
+    """
+    if isinstance(value, dict):
+        props = sub.get("properties", {})
+        return {k: coerce_strings(v, props.get(k, {})) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce_strings(v, sub.get("items", {})) for v in value]
+    if not isinstance(value, str):
+        return value
+    kinds = _types(sub)
+    if "null" in kinds and value in _NULLS:
+        return None
+    if not kinds or "string" in kinds or "enum" in sub and all(
+            isinstance(e, str) for e in sub["enum"]):
+        return value
+    # YAML reads "1e-3" as a string; Python's own number syntax is what a user types.
+    for parse in (int, float) if kinds & {"integer", "number"} else ():
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _key(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+def _check_finite(value: Any, path: tuple = ()) -> None:
+    """JSON schema has no way to say 'finite': NaN passes every bound, inf most of them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, (*path, i))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise PipelineError(f"config key {_key(path)!r}: {value} is not a finite number")
+
+
+def _check_grid(config: dict) -> None:
+    """A neighbour variant needs at least one latent space and one metric to mine with."""
+    wanted = [v for v in config["byol"]["variants"] if v != "baseline"]
+    for key, values in (("latent.models", config["latent"]["models"]),
+                        ("neighbours.metrics", config["neighbours"]["metrics"])):
+        if wanted and not values:
+            raise PipelineError(
+                f"config key {key!r}: [] is empty, but byol.variants asks for {wanted}, "
+                f"which need neighbours; list at least one, or set byol.variants: [baseline]")
+    tag = config["dataset"].get("tag")
+    if tag in (".", ".."):
+        raise PipelineError(f"config key 'dataset.tag': {tag!r} would write outside results/; "
+                            "use a folder name")
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Return a copy of ``config`` with defaults filled in, or raise one-line PipelineError.
 
@@ -43,10 +118,12 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 
     schema = load_schema() if schema is None else schema
     config = copy.deepcopy(dict(config))
+    _check_finite(config)
     _apply_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
+        _check_grid(config)
         return config
     where = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
@@ -71,8 +148,15 @@ def flatten(section: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def as_param(flat: dict[str, Any]) -> str:
-    """Serialise stage params for a rule: one JSON string, keys sorted, so repr is stable."""
-    return json.dumps(flat, sort_keys=True, separators=(",", ":"))
+    """Serialise stage params for a rule: one JSON string, keys sorted, so repr is stable.
+
+    Braces inside values (a ``dataset.root`` may hold them) become JSON escapes: Snakemake
+    expands ``{name}`` in a params string as a wildcard. ``flat`` has no nested objects, so
+    the outer pair is the only structural one.
+    """
+    text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
+    inner = text[1:-1].replace("{", "\\u007b").replace("}", "\\u007d")
+    return "{" + inner + "}"
 
 
 def prepare_params(config: dict) -> dict[str, Any]:
@@ -86,24 +170,89 @@ def latent_params(config: dict, model: str) -> dict[str, Any]:
     return flatten({**shared, **section.get(model, {}), "seed": config["seed"]})
 
 
+# Keys that only choose which jobs exist or how a job runs, never what it computes: they
+# stay out of the stage params, so changing them never invalidates finished results.
+RUNTIME_KEYS = {"neighbours": ("chunk_size",), "byol": ("checkpoint_every",), "evaluate": ()}
+GRID_KEYS = {"neighbours": ("metrics", "pixels"), "byol": ("variants", "seeds"),
+             "evaluate": ("untrained",)}
+
+
+def runtime_params(config: dict, stage: str) -> dict[str, Any]:
+    """A stage's runtime-only settings (see ``RUNTIME_KEYS``), passed to the CLI apart."""
+    return {k: config[stage][k] for k in RUNTIME_KEYS[stage] if k in config[stage]}
+
+
+def _result_keys(config: dict, stage: str) -> dict[str, Any]:
+    skip = RUNTIME_KEYS[stage] + GRID_KEYS[stage]
+    return {k: v for k, v in config[stage].items() if k not in skip}
+
+
 def neighbours_params(config: dict) -> dict[str, Any]:
-    section = config["neighbours"]
-    return flatten({k: v for k, v in section.items() if k not in ("metrics", "pixels")})
+    return flatten(_result_keys(config, "neighbours"))
 
 
 def byol_params(config: dict, variant: str) -> dict[str, Any]:
     """Shared BYOL keys plus the variant's own section (seed comes from the wildcard)."""
-    section = config["byol"]
-    shared = {k: v for k, v in section.items() if k not in VARIANTS + ("variants", "seeds")}
-    return flatten({**shared, **section.get(variant, {})})
+    shared = {k: v for k, v in _result_keys(config, "byol").items() if k not in VARIANTS}
+    return flatten({**shared, **config["byol"].get(variant, {})})
 
 
 def evaluate_params(config: dict) -> dict[str, Any]:
-    return flatten(config["evaluate"])
+    return flatten(_result_keys(config, "evaluate"))
 
 
-def dataset_tag(config: dict) -> str:
-    return config["dataset"].get("tag") or config["dataset"]["name"]
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise PipelineError(f"config key 'preset': no preset {name!r}; known: "
+                            f"{', '.join(['auto', 'none', *presets()])}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, nested dicts merged key by key (lists replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config(user: dict, schema: dict | None = None) -> dict:
+    """The experiment's full config: the user's keys, then the data set's preset, then the
+    schema defaults; typed by the schema and validated.
+
+    A preset (``workflow/presets/<dataset.name>.yaml``) holds values tuned for one data set
+    (digits' mild crops and small batches); it fills only keys the user left unset, and
+    never reaches another data set. ``preset: none`` turns it off.
+    """
+    schema = load_schema() if schema is None else schema
+    user = coerce_strings(copy.deepcopy(dict(user)), schema)
+    name = (user.get("dataset") or {}).get("name") or schema["properties"]["dataset"][
+        "properties"]["name"]["default"]
+    preset = user.get("preset", schema["properties"]["preset"]["default"])
+    if preset == "auto":
+        preset = name if name in presets() else "none"
+    if preset != "none" and isinstance(preset, str):
+        user = _merge(load_preset(preset), user)
+    return validate_config(user, schema)
+
+
+def dataset_tag(config: dict, configfiles: list[str | Path] = ()) -> str:
+    """The experiment's folder under results/: ``dataset.tag``; else the stem of the last
+    ``--configfile`` (so two config files never share a folder); else the data-set name."""
+    if config["dataset"].get("tag"):
+        return config["dataset"]["tag"]
+    stems = [re.sub(r"[^A-Za-z0-9_.-]", "_", Path(f).stem) for f in configfiles]
+    if stems and stems[-1] not in ("config", ".", ".."):
+        return stems[-1]
+    return config["dataset"]["name"]
 
 
 def run_name(stage: str, variant: str = "", latent: str = "", metric: str = "") -> str:

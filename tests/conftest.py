@@ -24,8 +24,8 @@ TINY = {
                "autodecoder": {"infer_steps": 5}},
     "neighbours": {"k": 3},
     "byol": {"epochs": 2, "batch_size": 32, "proj_dim": 16, "proj_hidden": 32,
-             "checkpoint_every": 1, "warmup_epochs": 1},
-    "evaluate": {"max_iter": 200, "knn_k": 5},
+             "checkpoint_every": 1, "warmup_epochs": 1, "seeds": [0]},
+    "evaluate": {"max_iter": 200, "knn_k": [5, 200]},
 }
 
 
@@ -41,7 +41,7 @@ class Workflow:
 
     def __init__(self, path: Path, config: dict):
         self.path = path
-        for name in ("Snakefile", "workflow", "pipeline"):
+        for name in ("Snakefile", "workflow", "pipeline", "profiles"):
             src = ROOT / name
             if src.is_dir():
                 shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -6,10 +6,15 @@ from pipeline import PipelineError
 from pipeline.config import (
     build,
     byol_params,
+    dataset_tag,
+    evaluate_params,
     latent_params,
     load_schema,
+    neighbours_params,
     parse_run_name,
+    resolve_config,
     run_name,
+    runtime_params,
     validate_config,
 )
 from pipeline.evaluate import EvaluateParams
@@ -92,3 +97,110 @@ def test_run_names_round_trip(args, name):
     parsed = parse_run_name(name)
     assert parsed["stage"] == args[0]
     assert run_name(parsed["stage"], parsed["variant"], parsed["latent"], parsed["metric"]) == name
+
+
+def test_digits_preset_never_reaches_another_data_set():
+    digits = resolve_config({})
+    assert digits["byol"]["batch_size"] == 64
+    assert digits["byol"]["augment"]["flip_prob"] == 0.0
+    schema = load_schema()["properties"]["byol"]["properties"]
+    other = resolve_config({"dataset": {"name": "synthetic"}})
+    assert other["byol"]["batch_size"] == schema["batch_size"]["default"] == 256
+    assert other["byol"]["augment"]["flip_prob"] == 0.5
+    # A key the user sets beats the preset; `preset: none` leaves the schema defaults.
+    assert resolve_config({"byol": {"batch_size": 32}})["byol"]["batch_size"] == 32
+    assert resolve_config({"preset": "none"})["byol"]["batch_size"] == 256
+    with pytest.raises(PipelineError, match="config key 'preset': no preset 'mnist'"):
+        resolve_config({"preset": "mnist"})
+
+
+def test_nested_command_line_strings_are_typed_by_the_schema():
+    # What Snakemake hands over for --config 'byol={"epochs": 2, ...}' 'dataset={...}'.
+    cfg = resolve_config({
+        "byol": {"epochs": "2", "seeds": ["0", "1"], "compile": "true"},
+        "dataset": {"max_train": "null", "download": "false", "tag": "007"},
+        "latent": {"lr": "1e-3", "models": ["ae"]},
+    })
+    assert cfg["byol"]["epochs"] == 2 and cfg["byol"]["seeds"] == [0, 1]
+    assert cfg["byol"]["compile"] is True and cfg["dataset"]["download"] is False
+    assert cfg["dataset"]["max_train"] is None and cfg["dataset"]["tag"] == "007"
+    assert cfg["latent"]["lr"] == 0.001 and cfg["latent"]["models"] == ["ae"]
+    with pytest.raises(PipelineError, match="config key 'byol.epochs': 'two' is not of type"):
+        resolve_config({"byol": {"epochs": "two"}})
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"byol": {"lr": float("nan")}}, "config key 'byol.lr': nan is not a finite number"),
+    ({"latent": {"lr": float("inf")}}, "config key 'latent.lr': inf is not a finite number"),
+    ({"seed": 2**64}, "config key 'seed': 18446744073709551616 is greater than the maximum"),
+    ({"byol": {"seeds": [0, 2**33]}}, "config key 'byol.seeds.1': 8589934592 is greater"),
+    ({"dataset": {"tag": ".."}}, "config key 'dataset.tag': '..' would write outside results/"),
+    ({"dataset": {"tag": "a/b"}}, "config key 'dataset.tag': 'a/b' does not match"),
+    ({"latent": {"models": []}}, "config key 'latent.models': [] is empty, but byol.variants"),
+    ({"neighbours": {"metrics": []}}, "config key 'neighbours.metrics': [] should be non-empty"),
+    ({"byol": {"variants": []}}, "config key 'byol.variants': [] should be non-empty"),
+])
+def test_values_that_would_fail_mid_run_are_rejected_up_front(config, message):
+    with pytest.raises(PipelineError) as err:
+        resolve_config(config)
+    assert str(err.value).startswith(message)
+
+
+def test_baseline_only_grid_needs_no_latent_space():
+    cfg = resolve_config({"latent": {"models": []}, "byol": {"variants": ["baseline"]}})
+    assert cfg["latent"]["models"] == []
+
+
+def test_runtime_switches_stay_out_of_stage_params():
+    cfg = resolve_config({})
+    assert "checkpoint_every" not in byol_params(cfg, "baseline")
+    assert "chunk_size" not in neighbours_params(cfg)
+    assert "untrained" not in evaluate_params(cfg)
+    assert runtime_params(cfg, "byol") == {"checkpoint_every": 5}
+    assert runtime_params(cfg, "neighbours") == {"chunk_size": 16384}
+
+
+@pytest.mark.parametrize("files, tag", [
+    ([], "digits"), (["config.yaml"], "digits"), (["exp/cifar10.yaml"], "cifar10"),
+    (["a.yaml", "my run.yaml"], "my_run"),
+])
+def test_experiment_folder_follows_the_config_file(files, tag):
+    assert dataset_tag(resolve_config({}), files) == tag
+    assert dataset_tag(resolve_config({"dataset": {"tag": "mine"}}), files) == "mine"
+
+
+def _schema_default(name: str, section: dict, root: dict):
+    """The schema default of a stage dataclass field: the stage's own key, a key in one of
+    its sub-sections (a model's or variant's), or a top-level key (seed)."""
+    props = section["properties"]
+    if name in props:
+        return props[name]["default"]
+    for sub in props.values():
+        if name in sub.get("properties", {}):
+            return sub["properties"][name]["default"]
+    return root["properties"][name]["default"]
+
+
+@pytest.mark.parametrize("module, cls, section", [
+    ("pipeline.latent", "LatentParams", "latent"),
+    ("pipeline.neighbours", "NeighboursParams", "neighbours"),
+    ("pipeline.byol", "ByolParams", "byol"),
+    ("pipeline.augment", "AugmentParams", "byol.augment"),
+    ("pipeline.evaluate", "EvaluateParams", "evaluate"),
+    ("pipeline.prepare", "PrepareParams", "dataset"),
+])
+def test_stage_dataclass_defaults_agree_with_the_schema(module, cls, section):
+    """The schema is the one home of every default; the dataclasses' copies (for use from
+    Python) must not drift from it."""
+    import dataclasses
+    import importlib
+
+    root = load_schema()
+    sub = root
+    for part in section.split("."):
+        sub = sub["properties"][part]
+    for field in dataclasses.fields(getattr(importlib.import_module(module), cls)):
+        if field.default is dataclasses.MISSING:
+            continue  # nested dataclasses are checked on their own
+        expected = _schema_default(field.name, sub, root)
+        assert field.default == expected, f"{cls}.{field.name}"

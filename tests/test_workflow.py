@@ -45,6 +45,12 @@ def test_tiny_dag_runs_and_caches(workflow):
     assert (workflow.path / "results" / "accuracy.png").exists()
     # Nothing to do after a complete run.
     assert workflow.planned() == {}
+    # Settings that do not change results never re-run finished jobs.
+    workflow.write_config(tiny_config(
+        latent=GRID["latent"], neighbours={**GRID["neighbours"], "chunk_size": 5},
+        byol={"checkpoint_every": 7}, evaluate={"untrained": False}))
+    assert workflow.planned() == {}
+    workflow.write_config(tiny_config(**GRID))
 
     # One latent model's params re-run only that model's branch.
     workflow.write_config(tiny_config(**{**GRID, "latent": {**GRID["latent"],
