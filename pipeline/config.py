@@ -296,6 +296,58 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     return value
 
 
+# Where each stage dataclass's fields live in the schema, so that a value reaching a stage
+# through the CLI or Python is checked by the same rule, with the same message, as config.yaml.
+STAGE_SECTIONS = {
+    "PrepareParams": "dataset", "SyntheticParams": "dataset.synthetic",
+    "LatentParams": "latent", "NeighboursParams": "neighbours", "ByolParams": "byol",
+    "AugmentParams": "byol.augment", "EvaluateParams": "evaluate",
+}
+
+
+def field_schema(section: str, name: str, schema: dict | None = None) -> tuple[str, dict]:
+    """The dotted key and schema of a stage field: the section's own key, a key of one of
+    its sub-sections (a model's or a variant's), or a top-level key (``seed``)."""
+    root = load_schema() if schema is None else schema
+    sub = root
+    for part in section.split("."):
+        sub = sub["properties"][part]
+    props = sub["properties"]
+    if name in props:
+        return f"{section}.{name}", props[name]
+    for key, child in props.items():
+        if name in child.get("properties", {}):
+            return f"{section}.{key}.{name}", child["properties"][name]
+    if name in root["properties"]:
+        return name, root["properties"][name]
+    raise KeyError(f"{section}.{name}")
+
+
+def _check_field(cls: type, name: str, value: Any) -> None:
+    import jsonschema
+
+    section = STAGE_SECTIONS.get(cls.__name__)
+    if section is None:
+        return
+    key, sub = field_schema(section, name)
+    _check_finite(value, tuple(key.split(".")))
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(sub).iter_errors(value))
+    if error is not None:
+        where = ".".join([key, *(str(p) for p in error.absolute_path)])
+        raise PipelineError(f"config key {where!r}: {error.message}")
+
+
+def check_fields(params: Any) -> None:
+    """Check a stage dataclass built in Python (not through :func:`build`) by the schema."""
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value)
+        else:
+            _check_field(type(params), field.name, value)
+
+
 def build(cls: type, flat: dict[str, Any]):
     """Build dataclass ``cls`` from flat params; nested dataclass fields take ``name.`` keys.
 
@@ -313,6 +365,7 @@ def build(cls: type, flat: dict[str, Any]):
             kwargs[field.name] = build(kind, sub)
         elif field.name in flat:
             used.add(field.name)
+            _check_field(cls, field.name, flat[field.name])
             kwargs[field.name] = _coerce(flat[field.name], kind, field.name)
     unknown = sorted(set(flat) - used)
     if unknown:

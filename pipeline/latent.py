@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import PipelineError
+from pipeline.config import check_fields
 from pipeline.device import describe, resolve_device, seed_everything
 from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
 from pipeline.latent_models import AutoDecoder, build_model, check_model, to_model_input
@@ -42,17 +43,9 @@ class LatentParams:
 
 
 def check_params(p: LatentParams, model: str) -> None:
-    """Raise PipelineError naming the first bad value; the schema checks these too."""
+    """Raise PipelineError for an unknown model or a value outside the schema's range."""
     check_model(model)
-    for key in ("dim", "epochs", "batch_size", "width"):
-        if getattr(p, key) <= 0:
-            raise PipelineError(f"latent param {key!r} must be positive, got {getattr(p, key)}")
-    for key in ("lr", "code_lr", "code_init_std", "infer_lr"):
-        if not getattr(p, key) > 0:
-            raise PipelineError(f"latent param {key!r} must be positive, got {getattr(p, key)}")
-    for key in ("prior_weight", "beta", "infer_steps"):
-        if getattr(p, key) < 0:
-            raise PipelineError(f"latent param {key!r} must be >= 0, got {getattr(p, key)}")
+    check_fields(p)
 
 
 def _train_rows(data: Prepared) -> np.ndarray:

@@ -8,6 +8,7 @@ from pipeline.config import (
     byol_params,
     dataset_tag,
     evaluate_params,
+    field_schema,
     latent_params,
     load_schema,
     neighbours_params,
@@ -82,7 +83,7 @@ def test_build_rejects_unknown_and_mistyped_params():
     assert build(EvaluateParams, {"C": 2}).C == 2.0
     with pytest.raises(PipelineError, match=r"unknown params \['c'\]"):
         build(EvaluateParams, {"c": 2})
-    with pytest.raises(PipelineError, match="param 'max_iter': expected int"):
+    with pytest.raises(PipelineError, match="config key 'evaluate.max_iter': 'many' is not of"):
         build(EvaluateParams, {"max_iter": "many"})
 
 
@@ -169,18 +170,6 @@ def test_experiment_folder_follows_the_config_file(files, tag):
     assert dataset_tag(resolve_config({"dataset": {"tag": "mine"}}), files) == "mine"
 
 
-def _schema_default(name: str, section: dict, root: dict):
-    """The schema default of a stage dataclass field: the stage's own key, a key in one of
-    its sub-sections (a model's or variant's), or a top-level key (seed)."""
-    props = section["properties"]
-    if name in props:
-        return props[name]["default"]
-    for sub in props.values():
-        if name in sub.get("properties", {}):
-            return sub["properties"][name]["default"]
-    return root["properties"][name]["default"]
-
-
 @pytest.mark.parametrize("module, cls, section", [
     ("pipeline.latent", "LatentParams", "latent"),
     ("pipeline.neighbours", "NeighboursParams", "neighbours"),
@@ -195,12 +184,41 @@ def test_stage_dataclass_defaults_agree_with_the_schema(module, cls, section):
     import dataclasses
     import importlib
 
-    root = load_schema()
-    sub = root
-    for part in section.split("."):
-        sub = sub["properties"][part]
     for field in dataclasses.fields(getattr(importlib.import_module(module), cls)):
         if field.default is dataclasses.MISSING:
             continue  # nested dataclasses are checked on their own
-        expected = _schema_default(field.name, sub, root)
-        assert field.default == expected, f"{cls}.{field.name}"
+        key, sub = field_schema(section, field.name)
+        assert field.default == sub["default"], f"{cls}.{field.name} vs {key}"
+
+
+@pytest.mark.parametrize("cls, flat, message", [
+    ("pipeline.latent.LatentParams", {"dim": 0},
+     "config key 'latent.dim': 0 is less than the minimum of 1"),
+    ("pipeline.latent.LatentParams", {"prior_weight": -1.0},
+     "config key 'latent.autodecoder.prior_weight': -1.0 is less than the minimum of 0"),
+    ("pipeline.byol.ByolParams", {"lr": float("nan")},
+     "config key 'byol.lr': nan is not a finite number"),
+    ("pipeline.byol.ByolParams", {"augment.flip_prob": 2.0},
+     "config key 'byol.augment.flip_prob': 2.0 is greater than the maximum of 1"),
+    ("pipeline.byol.ByolParams", {"optimizer": "adam"},
+     "config key 'byol.optimizer': 'adam' is not one of"),
+])
+def test_stage_params_get_the_config_message_from_any_entry_point(cls, flat, message):
+    """`python -m pipeline <stage> --params ...` and Python callers see what config.yaml
+    would have said."""
+    import importlib
+
+    module, name = cls.rsplit(".", 1)
+    with pytest.raises(PipelineError) as err:
+        build(getattr(importlib.import_module(module), name), flat)
+    assert str(err.value).startswith(message)
+    flat_key = next(iter(flat))
+    nested: dict = {}
+    *parents, leaf = message.split("'")[1].split(".")
+    cursor = nested
+    for part in parents:
+        cursor = cursor.setdefault(part, {})
+    cursor[leaf] = flat[flat_key]
+    with pytest.raises(PipelineError) as via_config:
+        validate_config(nested)
+    assert str(via_config.value) == str(err.value)

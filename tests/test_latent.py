@@ -220,7 +220,8 @@ def test_config_params_build(model):
 
 
 def test_bad_input(tmp_path, data_path):
-    with pytest.raises(PipelineError, match=r"^latent param 'dim' must be positive, got 0$"):
+    with pytest.raises(PipelineError,
+                       match=r"^config key 'latent.dim': 0 is less than the minimum of 1$"):
         train(tmp_path, "ae", data_path, fast(dim=0))
     with pytest.raises(PipelineError,
                        match=r"^unknown latent model 'pca'; known: autodecoder, ae, vae$"):
