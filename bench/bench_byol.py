@@ -144,19 +144,20 @@ def accuracy(args):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.byol import ByolParams, encode_checkpoint, train_byol, training_set
+    from pipeline.byol import ByolParams, encode_checkpoint, train_byol
     from pipeline.config import build
     from pipeline.evaluate import linear_probe
-    from pipeline.io import load_prepared
+    from pipeline.io import TRAINING_SPLITS, load_prepared
     from pipeline.prepare import PrepareParams, prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_byol_"))
-    prepare(PrepareParams(), tmp / "data.npz")
+    prepare(PrepareParams(max_train=args.max_train), tmp / "data.npz")
     data = load_prepared(tmp / "data.npz")
-    train = training_set(data)
+    train = data.subset(*TRAINING_SPLITS)
     # Neighbours in pixel space (euclidean, k=5): a stand-in for the latent-space stage.
     x = train.images.reshape(len(train.images), -1).astype(np.float32)
-    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    sq = (x * x).sum(1)
+    d = np.maximum(sq[:, None] - 2 * x @ x.T + sq[None], 0)
     np.fill_diagonal(d, np.inf)
     k = 5
     nn_idx = np.argsort(d, 1)[:, :k]
@@ -202,6 +203,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--params", default="{}", help="flat BYOL params (JSON) for --accuracy")
+    ap.add_argument("--max-train", type=int, default=None,
+                    help="digits training images for --accuracy (default: all 1,438)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

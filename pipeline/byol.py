@@ -7,6 +7,7 @@ import csv
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from torch import nn
 from pipeline import PipelineError
 from pipeline.augment import AugmentParams, augment, normalise, to_float
 from pipeline.backbones import build_backbone, resolve_backbone
+from pipeline.config import check_fields
 from pipeline.io import (
     TRAINING_SPLITS,
     Prepared,
@@ -298,13 +300,7 @@ def check_params(params: ByolParams, variant: str) -> None:
     if params.optimizer not in OPTIMIZERS:
         raise PipelineError(f"unknown byol.optimizer {params.optimizer!r}; choose one of: "
                             f"{', '.join(OPTIMIZERS)}")
-    for key in ("p_neighbour", "pos_weight"):
-        value = getattr(params, key)
-        if not 0.0 <= value <= 1.0:
-            raise PipelineError(f"byol param {key!r} must be in [0, 1], got {value}")
-    for key in ("epochs", "batch_size", "checkpoint_every"):
-        if getattr(params, key) < 1 + (key == "batch_size"):
-            raise PipelineError(f"byol param {key!r} is too small: {getattr(params, key)}")
+    check_fields(params)
 
 
 # --------------------------------------------------------------------------- data
@@ -417,6 +413,59 @@ def _write_history(rows: list[dict], path: Path) -> None:
             writer.writerows(rows)
 
 
+def _code_fingerprint() -> str:
+    """Hash of the sources that decide what training computes (the rule's code inputs).
+
+    A state written by other code is not resumed: Snakemake re-runs the job after an edit
+    precisely so that it trains with the new code.
+    """
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for name in ("byol.py", "backbones.py", "augment.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes, atomically; a hard link costs no disk space."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+            # A resumed job links a state written earlier; an output older than its inputs
+            # would make Snakemake run the job again on every invocation.
+            os.utime(tmp)
+        except OSError:  # file systems without hard links
+            import shutil
+
+            shutil.copyfile(src, tmp)
+
+
+def _write_outputs(final: dict, state: Path, out: Path, history: Path, loss_plot: Path,
+                   title: str) -> None:
+    """Write history, plot and encoder from the final state, which is already on disk.
+
+    ``state`` stays: if Snakemake is interrupted and discards these outputs as incomplete,
+    the re-run finds the finished training in it and only writes the outputs again.
+    ``encoder.pt`` is written last, as a hard link to ``state``.
+    """
+    from pipeline.plots import loss_curves
+
+    rows = final["history"]
+    _write_history(rows, history)
+    loss_curves({"BYOL loss": [r["loss"] for r in rows]}, loss_plot,
+                title=f"{title}, seed {final['seed']}")
+    _link_or_copy(state, out)
+
+
+def _epoch_line(row: dict, epochs: int, elapsed: float, done: int) -> str:
+    """One log line per epoch: loss, lr, throughput and the time left at this pace."""
+    left = round(elapsed / max(done, 1) * (epochs - row["epoch"]))
+    eta = f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+    return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} lr {row['lr']:.3g} "
+            f"{row['images_per_s']:.0f} img/s ETA {eta}")
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at emit time (a job's log, or pytest's capture)."""
 
@@ -451,7 +500,9 @@ def train_byol(
         data: prepared ``data.npz``.
         neighbours: ``neighbours.parquet`` (required by the neighbour variants).
         out: encoder checkpoint to write (``encoder.pt``).
-        state: resumable checkpoint; resumed from when it matches, deleted at the end.
+        state: resumable checkpoint; resumed from when it matches. At the end it holds the
+            finished training (``out`` is a hard link to it), so a re-run after Snakemake
+            discarded the outputs writes them again without training.
         history: per-epoch CSV.
         loss_plot: PNG of the loss curve.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
@@ -508,6 +559,7 @@ def train_byol(
     total = steps_per_epoch * params.epochs
     warmup = steps_per_epoch * params.warmup_epochs
 
+    code = _code_fingerprint()
     start_epoch, step, rows = 0, 0, []
     if state.exists():
         try:
@@ -515,8 +567,15 @@ def train_byol(
         except Exception as e:  # noqa: BLE001 - any unreadable state means: start afresh
             log.info("ignoring unreadable %s: %s", state, str(e).splitlines()[0])
             ck = {}
-        if (ck.get("params") == asdict(params) and ck.get("variant") == variant
-                and ck.get("seed") == seed and ck.get("data") == fingerprint):
+        matches = (ck.get("params") == asdict(params) and ck.get("variant") == variant
+                   and ck.get("seed") == seed and ck.get("data") == fingerprint
+                   and ck.get("code") == code)
+        if matches and "encoder" in ck:
+            log.info("training already finished (%s, epoch %d/%d): writing the outputs only; "
+                     "delete it to train again", state, ck["epoch"], params.epochs)
+            _write_outputs(ck, state, out, history, loss_plot, title)
+            return
+        if matches:
             online.load_state_dict(ck["online"])
             target.load_state_dict(ck["target"])
             optimizer.load_state_dict(ck["optimizer"])
@@ -524,7 +583,8 @@ def train_byol(
             torch.set_rng_state(ck["rng"]["torch"])
             log.info("resuming from epoch %d (%s)", start_epoch, state)
         else:
-            log.info("ignoring %s: written for other params, variant, seed or data", state)
+            log.info("ignoring %s: written for other params, variant, seed, data or code",
+                     state)
 
     # The whole training set lives on the device as uint8 NHWC; batches are gathered by index.
     images = torch.from_numpy(train.images).to(dev)
@@ -549,13 +609,10 @@ def train_byol(
     log.info("BYOL %s seed %d: %s on %s, %d images %dx%dx%d, %d epochs x %d steps of %d",
              variant, seed, backbone, describe(dev), n, size, size, channels, params.epochs,
              steps_per_epoch, batch)
-    from tqdm import tqdm
-
-    bar = tqdm(range(start_epoch, params.epochs), desc=f"byol {variant}", file=sys.stderr,
-               initial=start_epoch, total=params.epochs, mininterval=2.0)
     online.train()
     target.train()
-    for epoch in bar:
+    started = time.time()
+    for epoch in range(start_epoch, params.epochs):
         t0 = time.time()
         g_perm = _stream(seed, epoch, 0, dev)
         g_aug, g_nb = _stream(seed, epoch, 1, dev), _stream(seed, epoch, 2, dev)
@@ -592,7 +649,8 @@ def train_byol(
             "images_per_s": round(steps_per_epoch * batch / seconds, 1),
             "seconds": round(seconds, 3),
         })
-        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rows[-1]['images_per_s']:.0f}")
+        log.info(_epoch_line(rows[-1], params.epochs, time.time() - started,
+                             epoch + 1 - start_epoch))
         last = epoch + 1 == params.epochs
         if (epoch + 1) % params.checkpoint_every == 0 and not last:
             rng = {"torch": torch.get_rng_state(), "perm": g_perm.get_state(),
@@ -600,12 +658,10 @@ def train_byol(
             if cuda:
                 rng["cuda"] = torch.cuda.get_rng_state(dev)
             _save_atomic({"params": asdict(params), "variant": variant, "seed": seed,
-                          "data": fingerprint, "epoch": epoch + 1, "step": step,
+                          "data": fingerprint, "code": code, "epoch": epoch + 1, "step": step,
                           "online": online.state_dict(), "target": target.state_dict(),
                           "optimizer": optimizer.state_dict(), "rng": rng, "history": rows,
                           "provenance": provenance()}, state)
-    bar.close()
-
     final = rows[-1]
     collapsed = final["spread"] < COLLAPSE_FRACTION
     if collapsed:
@@ -619,14 +675,13 @@ def train_byol(
         "neighbour_use": final["neighbour_use"], "images_per_s": final["images_per_s"],
         "optimizer": params.optimizer, "batch_size": batch,
     }
-    _write_history(rows, history)
-    from pipeline.plots import loss_curves
-
-    loss_curves({"BYOL loss": [r["loss"] for r in rows]}, loss_plot,
-                title=f"{title}, seed {seed}")
     encoder = {k: v.detach().cpu() for k, v in online.encoder.state_dict().items()}
-    _save_atomic({**base, "variant": variant, "encoder": encoder, "summary": summary}, out)
-    state.unlink(missing_ok=True)
+    # The encoder checkpoint plus what a re-run needs to recognise it; replaces the
+    # (larger) mid-training state before any output is written.
+    done = {**base, "variant": variant, "encoder": encoder, "summary": summary,
+            "data": fingerprint, "code": code, "epoch": params.epochs, "history": rows}
+    _save_atomic(done, state)
+    _write_outputs(done, state, out, history, loss_plot, title)
     log.info("wrote %s: loss %.4f, %.1f s", out, final["loss"], summary["train_seconds"])
 
 

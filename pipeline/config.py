@@ -166,13 +166,15 @@ def prepare_params(config: dict) -> dict[str, Any]:
 def latent_params(config: dict, model: str) -> dict[str, Any]:
     """Shared latent keys overridden by the model's own section; other models' keys excluded."""
     section = config["latent"]
-    shared = {k: v for k, v in section.items() if k not in LATENT_MODELS and k != "models"}
+    shared = {k: v for k, v in section.items()
+              if k not in LATENT_MODELS and k != "models" and k not in RUNTIME_KEYS["latent"]}
     return flatten({**shared, **section.get(model, {}), "seed": config["seed"]})
 
 
 # Keys that only choose which jobs exist or how a job runs, never what it computes: they
 # stay out of the stage params, so changing them never invalidates finished results.
-RUNTIME_KEYS = {"neighbours": ("chunk_size",), "byol": ("checkpoint_every",), "evaluate": ()}
+RUNTIME_KEYS = {"latent": ("on_collapse",), "neighbours": ("chunk_size",),
+                "byol": ("checkpoint_every",), "evaluate": ()}
 GRID_KEYS = {"neighbours": ("metrics", "pixels"), "byol": ("variants", "seeds"),
              "evaluate": ("untrained",)}
 

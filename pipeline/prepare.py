@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import PipelineError
-from pipeline.io import Prepared, save_prepared
+from pipeline.io import TRAINING_SPLITS, Prepared, save_prepared, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -136,18 +139,25 @@ def load_synthetic(p: PrepareParams) -> Prepared:
     )
 
 
-def _torchvision(p: PrepareParams, make: Callable[[str, str, bool], object], split: str):
-    """Instantiate a torchvision data set, turning its errors into one actionable line."""
+def _torchvision(p: PrepareParams, make: Callable[[str, str, bool], object], split: str,
+                 missing: Callable[[Path], list[str]] | None = None):
+    """Instantiate a torchvision data set, turning its errors into one actionable line.
+
+    ``missing(root)`` lists the set's absent files, where the layout is known.
+    """
     root = _require_root(p)
     try:
         return make(str(root), split, p.download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
         hint = "" if p.download else "; set dataset.download: true to fetch it"
+        gone = missing(root) if missing else []
+        # torchvision's own text repeats its download=True hint; the file names say more.
+        detail = f"missing {', '.join(repr(f) for f in gone)}" if gone else str(e)
         raise PipelineError(
             # torchvision checks every file of CIFAR and STL10 whichever split it loads, so
-            # name the split being loaded, not a missing file.
+            # name the split being loaded; MNIST-style sets name the files they lack.
             f"{p.name} files not found or corrupted under dataset.root {str(root)!r} (while "
-            f"loading its {split} split){hint} ({e})"
+            f"loading its {split} split){hint} ({detail})"
         ) from None
     except OSError as e:  # network failures during download
         raise PipelineError(f"{p.name}: download into {str(root)!r} failed: {e}") from None
@@ -155,6 +165,19 @@ def _torchvision(p: PrepareParams, make: Callable[[str, str, bool], object], spl
 
 def _tv_classes(ds, n: int) -> list[str]:
     return [str(c) for c in getattr(ds, "classes", None) or range(n)]
+
+
+def _missing_raw_files(cls) -> Callable[[Path], list[str]] | None:
+    """MNIST-style sets keep uncompressed files named after their ``resources`` in raw/."""
+    if not hasattr(cls, "resources"):
+        return None
+
+    def missing(root: Path) -> list[str]:
+        raw = root / cls.__name__ / "raw"
+        names = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
+        return [str(raw / n) for n in names if not (raw / n).is_file()]
+
+    return missing
 
 
 def _load_tv_train_flag(cls_name: str) -> Callable[[PrepareParams], Prepared]:
@@ -166,7 +189,8 @@ def _load_tv_train_flag(cls_name: str) -> Callable[[PrepareParams], Prepared]:
         cls = getattr(tvd, cls_name)
         parts, classes = {}, []
         for split in ("train", "test"):
-            ds = _torchvision(p, lambda r, s, d: cls(r, train=(s == "train"), download=d), split)
+            ds = _torchvision(p, lambda r, s, d: cls(r, train=(s == "train"), download=d), split,
+                              _missing_raw_files(cls))
             data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
             targets = np.asarray(ds.targets, dtype=np.int64)
             parts[split] = (data, targets)
@@ -202,10 +226,16 @@ def load_stl10(p: PrepareParams) -> Prepared:
 
 
 def _decode(name: str, raw: bytes, resize: int | None) -> np.ndarray:
+    if not raw:
+        raise PipelineError(f"unreadable image {name}: the file is empty (0 bytes)")
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:
+        # Pillow's own message names the in-memory buffer, not the file.
+        raise PipelineError(f"unreadable image {name}: not a format Pillow can read "
+                            f"({len(raw)} bytes)") from None
+    except OSError as e:
         raise PipelineError(f"unreadable image {name}: {e}") from None
     img = img.convert("L" if img.mode in ("1", "L", "I;16", "I", "LA") else "RGB")
     if resize:
@@ -218,17 +248,9 @@ def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
 
     A tar is read in archive order: random access into a .tar.gz restarts decompression.
     """
-    entries = []
     if root.is_file():
-        if not tarfile.is_tarfile(root):
-            raise PipelineError(f"dataset.root {str(root)!r} is a file but not a tar archive")
-        with tarfile.open(root) as tar:
-            for m in tar:
-                parts = Path(m.name).parts
-                if (m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test")
-                        and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
-                    entries.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
-        return entries
+        return _tar_entries(root)
+    entries, empty = [], []
     for split in ("train", "test"):
         d = root / split
         if not d.is_dir():
@@ -242,9 +264,79 @@ def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
                 f"imagefolder layout: file {str(d / stray[0])!r} lies outside a class folder"
             )
         for cls_dir in sorted(c for c in d.iterdir() if c.is_dir()):
-            for f in sorted(cls_dir.iterdir()):
-                if f.is_file() and not f.name.startswith("."):
-                    entries.append((split, cls_dir.name, str(f), f.read_bytes()))
+            files = [f for f in sorted(cls_dir.iterdir())
+                     if f.is_file() and not f.name.startswith(".")]
+            if not files:
+                empty.append(str(cls_dir))
+            entries += [(split, cls_dir.name, str(f), f.read_bytes()) for f in files]
+    _refuse_empty_classes(empty)
+    return entries
+
+
+def _refuse_empty_classes(empty: list[str]) -> None:
+    # An error rather than a warning: a dropped class silently renumbers every label after it.
+    if empty:
+        raise PipelineError(f"imagefolder: class folder {empty[0]!r} holds no images"
+                            + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+                            + "; add images or remove the folder")
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A tar header reader that reports damage: tarfile ends the archive at a bad header.
+
+    Only an all-zero block (the end-of-archive marker) ends the archive quietly; a header
+    with a bad checksum, a partial block or a file that stops without the marker raises.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as e:
+            if tar.offset == 0:  # not a tar at all (tarfile.open tries other compressions)
+                raise
+            reason = "the archive ends without its end marker" if isinstance(
+                e, tarfile.EmptyHeaderError) else f"bad header at byte {tar.offset}: {e}"
+            raise tarfile.ReadError(reason) from None
+
+
+def _tar_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) of every image in a tar(.gz), read in archive order.
+
+    Any damage (bad header, truncated or corrupt compression, gzip CRC) is an error naming
+    the last member read: a partly read archive would silently lose images.
+    """
+    try:
+        tar = tarfile.open(root, tarinfo=_StrictTarInfo)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        detail = str(e).splitlines()[0].rstrip(":")  # tarfile lists every method it tried
+        raise PipelineError(f"dataset.root {str(root)!r} is a file but not a readable tar "
+                            f"archive (plain, gzip, bzip2 or xz): {detail}") from None
+    entries, dirs, last = [], set(), None
+    try:
+        with tar:
+            for m in tar:
+                parts = Path(m.name).parts
+                if m.isdir() and len(parts) >= 2 and parts[-2] in ("train", "test"):
+                    dirs.add(m.name.rstrip("/"))
+                if (m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test")
+                        and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
+                    entries.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
+                last = m.name
+            # Read to the end: a gzip stream checks its CRC and length only there, and only
+            # zero padding may follow the end marker (else a zeroed header ended it early).
+            while chunk := tar.fileobj.read(1 << 20):
+                if chunk.count(0) != len(chunk):
+                    raise tarfile.ReadError("data after the end-of-archive marker (a zeroed "
+                                            "header?)")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        where = f"after member {last!r}" if last else "before its first member"
+        raise PipelineError(f"dataset.root {str(root)!r}: damaged archive, unreadable {where} "
+                            f"({type(e).__name__}: {e})") from None
+    filled = {str(Path(name).parent) for _, _, name, _ in entries}
+    _refuse_empty_classes(sorted(d for d in dirs if d not in filled))
     return entries
 
 
@@ -286,19 +378,46 @@ def load_imagefolder(p: PrepareParams) -> Prepared:
 
 
 def _to_uint8(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if x.size == 0:
+        raise PipelineError(f"{path}: {key} holds no images (shape {x.shape})")
     if x.dtype == np.uint8:
         return x
-    if np.issubdtype(x.dtype, np.floating) and x.size and 0.0 <= x.min() and x.max() <= 1.0:
-        return np.round(x * 255).astype(np.uint8)
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            kind = "NaN" if np.isnan(x).any() else "infinite"
+            raise PipelineError(f"{path}: {key} contains {int(bad.sum())} {kind} values; "
+                                "images must be uint8 or float in [0, 1]")
+        if 0.0 <= x.min() and x.max() <= 1.0:
+            return np.round(x * 255).astype(np.uint8)
+        raise PipelineError(f"{path}: {key} must be uint8 or float in [0, 1], got {x.dtype} "
+                            f"in [{x.min():g}, {x.max():g}]")
     raise PipelineError(f"{path}: {key} must be uint8 or float in [0, 1], got {x.dtype}")
+
+
+def _npz_array(z, key: str, path: Path) -> np.ndarray:
+    """One array of an open .npz; damage and pickled object arrays become one line."""
+    try:
+        return z[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # numpy's text suggests unpickling, which we never do
+            raise PipelineError(f"{path}: array {key!r} holds Python objects (dtype object); "
+                                "store numbers or strings") from None
+        raise PipelineError(f"{path}: array {key!r} is unreadable ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise PipelineError(f"{path}: array {key!r} is damaged ({e})") from None
 
 
 def load_npz(p: PrepareParams) -> Prepared:
     """A .npz with x_train, y_train, x_test, y_test (NHW or NHWC); optional class names."""
     path = _require_root(p)
+    # np.load would read a non-zip file as .npy or pickle, and say so in numpy's words.
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"dataset.root {str(path)!r}: not a .npz file (no zip archive "
+                            "found: wrong format, or truncated)")
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise PipelineError(f"dataset.root {str(path)!r}: not a readable .npz file ({e})") from None
     with z:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
@@ -306,8 +425,8 @@ def load_npz(p: PrepareParams) -> Prepared:
             raise PipelineError(f"{path}: missing arrays {missing} (has {sorted(z.files)})")
         parts = {}
         for split in ("train", "test"):
-            x = _to_uint8(z[f"x_{split}"], f"x_{split}", path)
-            y = z[f"y_{split}"]
+            x = _to_uint8(_npz_array(z, f"x_{split}", path), f"x_{split}", path)
+            y = _npz_array(z, f"y_{split}", path)
             if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
                 raise PipelineError(f"{path}: x_{split} must be NHW or NHWC with 1 or 3 channels,"
                                     f" got shape {x.shape}")
@@ -316,8 +435,13 @@ def load_npz(p: PrepareParams) -> Prepared:
                                     f"{y.dtype} {y.shape}")
             parts[split] = (x, y.astype(np.int64))
         n_train_classes = int(parts["train"][1].max()) + 1
-        classes = ([str(c) for c in z["classes"]] if "classes" in z.files
-                   else [str(c) for c in range(n_train_classes)])
+        classes = [str(c) for c in range(n_train_classes)]
+        if "classes" in z.files:
+            names = _npz_array(z, "classes", path)
+            if names.ndim != 1 or names.dtype.kind not in "USiu":
+                raise PipelineError(f"{path}: classes must be a 1-D array of names, got "
+                                    f"{names.dtype} {names.shape}")
+            classes = [str(c) for c in names]
     for split, (_, y) in parts.items():
         bad = y[(y < -1) | (y >= len(classes))]
         if len(bad):
@@ -370,4 +494,42 @@ def prepare(params: PrepareParams, out: str | Path) -> Prepared:
     data = _subsample(data, "test", params.max_test, params.seed + 1)
     data.check()
     save_prepared(out, data)
+    print(summary_line(data), file=sys.stderr)
     return data
+
+
+def summary_line(data: Prepared) -> str:
+    """One line for the prepare log: images per split, classes and image shape."""
+    counts = ", ".join(f"{s} {int((data.split == s).sum())}" for s in ("train", "test",
+                                                                         "unlabeled")
+                       if (data.split == s).any())
+    h, w, c = data.images.shape[1:]
+    return (f"prepared {len(data.ids)} images ({counts}), {len(data.classes)} classes, "
+            f"{h}x{w}x{c} uint8")
+
+
+def check_data(data: str | Path, out: str | Path, k: int | None) -> dict:
+    """Checks that need the prepared data, run before any training; write ``out`` if all pass.
+
+    Args:
+        data: prepared ``data.npz``; only its split and label arrays are read.
+        out: JSON marker with the counts checked.
+        k: ``neighbours.k`` when neighbours are mined, else None.
+    """
+    with np.load(data, allow_pickle=False) as z:  # lazy: the images stay on disk
+        split, labels = z["split"].astype(str), z["labels"]
+    n_train = int(np.isin(split, TRAINING_SPLITS).sum())
+    if n_train < 2:
+        raise PipelineError(f"{data}: {n_train} training images; at least 2 are needed")
+    if k is not None and k >= n_train:
+        raise PipelineError(f"neighbours.k = {k} must be less than the number of training "
+                            f"images ({n_train}) in {data}")
+    labelled = {s: int(((split == s) & (labels >= 0)).sum()) for s in ("train", "test")}
+    for s, count in labelled.items():
+        if not count:
+            raise PipelineError(f"{data}: no labelled {s} images; the linear evaluation needs "
+                                "labels in both train and test")
+    counts = {"n_training": n_train, "n_labelled_train": labelled["train"],
+              "n_labelled_test": labelled["test"], "k": k}
+    write_json(out, counts)
+    return counts

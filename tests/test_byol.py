@@ -228,10 +228,35 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data,
     resumed = run(tmp_path, data, "resumed", epochs=3)
     assert "resuming from epoch 2" in capsys.readouterr().err
     assert same_weights(weights(straight), weights(resumed))
-    assert not state.exists()
+    assert state.samefile(resumed)  # the finished state is kept, as the encoder's hard link
     hist = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
     assert hist[0] == "epoch,loss,lr,tau,neighbour_use,spread,images_per_s,seconds"
     assert len(hist) == 4 and (tmp_path / "resumed" / "loss.png").stat().st_size > 0
+
+
+def test_finished_training_whose_outputs_were_discarded_is_not_trained_again(
+        tmp_path, data, monkeypatch, capsys):
+    first = run(tmp_path, data, "x", epochs=3)
+    log = capsys.readouterr().err
+    epochs = [line.split(" byol ", 1)[1] for line in log.splitlines() if " epoch " in line]
+    assert len(epochs) == 3 and "\r" not in log
+    assert epochs[0].startswith("epoch 1/3 loss ") and " lr " in epochs[0]
+    assert " img/s ETA " in epochs[0] and epochs[2].endswith("ETA 0:00:00")
+    kept = weights(first)
+    # What Snakemake does to the outputs of a job it counts as incomplete (Ctrl-C, kill -9).
+    for name in ("encoder.pt", "history.csv", "loss.png"):
+        (tmp_path / "x" / name).unlink()
+    real_step = byol.byol_step
+    monkeypatch.setattr(byol, "byol_step", lambda *a: pytest.fail("trained again"))
+    again = run(tmp_path, data, "x", epochs=3)
+    assert "training already finished" in capsys.readouterr().err
+    assert same_weights(kept, weights(again))
+    assert len((tmp_path / "x" / "history.csv").read_text().splitlines()) == 4
+    assert (tmp_path / "x" / "loss.png").stat().st_size > 0
+    # Other params (or data, or code) train afresh.
+    monkeypatch.setattr(byol, "byol_step", real_step)
+    run(tmp_path, data, "x", epochs=2)
+    assert "ignoring" in capsys.readouterr().err
 
 
 def test_stale_state_for_other_params_is_ignored(tmp_path, data, monkeypatch, capsys):
@@ -298,11 +323,11 @@ def test_auto_backbone_by_image_side():
 def test_bad_inputs_name_the_problem_and_leave_no_output(tmp_path, data, neighbours,
                                                         monkeypatch):
     out = tmp_path / "bad" / "encoder.pt"
-    with pytest.raises(PipelineError, match=r"^byol param 'p_neighbour' must be in \[0, 1\], "
-                                            r"got 1\.5$"):
+    with pytest.raises(PipelineError, match=r"^config key 'byol.probabilistic.p_neighbour': "
+                                            r"1\.5 is greater than the maximum of 1$"):
         run(tmp_path, data, "bad", "probabilistic", neighbours, p_neighbour=1.5)
-    with pytest.raises(PipelineError, match=r"^byol param 'pos_weight' must be in \[0, 1\], "
-                                            r"got -0\.1$"):
+    with pytest.raises(PipelineError, match=r"^config key 'byol.weighted.pos_weight': "
+                                            r"-0\.1 is less than the minimum of 0$"):
         run(tmp_path, data, "bad", "weighted", neighbours, pos_weight=-0.1)
     with pytest.raises(PipelineError, match=r"^BYOL variant 'weighted' needs a neighbours file "
                                             r"\(--neighbours\)$"):

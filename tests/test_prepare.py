@@ -208,3 +208,141 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, capsys):
 def test_params_from_flat_config():
     p = build(PrepareParams, {"name": "synthetic", "synthetic.classes": 5, "seed": 3})
     assert p.synthetic.classes == 5 and p.seed == 3
+
+
+# ------------------------------------------------------------------- damaged files
+
+
+def tar_of(root, archive, mode="w"):
+    with tarfile.open(archive, mode) as tar:
+        tar.add(root / "train", arcname="train")
+        tar.add(root / "test", arcname="test")
+    return archive
+
+
+def fails_cleanly(root, match, tmp_path, name="imagefolder"):
+    """prepare raises one line matching ``match`` and writes nothing."""
+    out = tmp_path / "o.npz"
+    with pytest.raises(PipelineError, match=match) as err:
+        prepare(params(name=name, root=str(root)), out)
+    assert "\n" not in str(err.value) and "<_io" not in str(err.value)
+    assert not out.exists()
+    return str(err.value)
+
+
+def test_tar_damaged_after_its_first_members_is_an_error_not_fewer_images(tmp_path):
+    archive = tar_of(make_folder(tmp_path / "imgs"), tmp_path / "imgs.tar")
+    raw = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+    victim = members[5]  # a header in the middle: tarfile alone would stop here quietly
+    raw[victim.offset:victim.offset + 100] = b"\xff" * 100
+    archive.write_bytes(bytes(raw))
+    fails_cleanly(archive, rf"imgs.tar': damaged archive, unreadable after member "
+                           rf"'{members[4].name}' \(ReadError: bad header at byte "
+                           rf"{victim.offset}", tmp_path)
+
+
+def test_tar_with_a_zeroed_header_in_the_middle_is_an_error(tmp_path):
+    archive = tar_of(make_folder(tmp_path / "imgs"), tmp_path / "imgs.tar")
+    with tarfile.open(archive) as tar:
+        victim = tar.getmembers()[5]
+    raw = bytearray(archive.read_bytes())
+    raw[victim.offset:victim.offset + 1024] = bytes(1024)  # reads as the end marker
+    archive.write_bytes(bytes(raw))
+    fails_cleanly(archive, r"damaged archive.*data after the end-of-archive marker", tmp_path)
+
+
+def test_tar_cut_at_a_member_boundary_is_an_error(tmp_path):
+    archive = tar_of(make_folder(tmp_path / "imgs"), tmp_path / "imgs.tar")
+    with tarfile.open(archive) as tar:
+        cut = tar.getmembers()[6].offset
+    archive.write_bytes(archive.read_bytes()[:cut])
+    fails_cleanly(archive, "damaged archive.*ends without its end marker", tmp_path)
+
+
+def test_truncated_and_bit_flipped_tar_gz_are_errors(tmp_path):
+    archive = tar_of(make_folder(tmp_path / "imgs", per=20), tmp_path / "imgs.tar.gz", "w:gz")
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: len(raw) * 2 // 3])
+    fails_cleanly(archive, r"imgs.tar.gz': damaged archive, unreadable after member .*EOFError",
+                  tmp_path)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    archive.write_bytes(bytes(flipped))
+    fails_cleanly(archive, r"imgs.tar.gz': damaged archive, unreadable", tmp_path)
+
+
+def test_a_file_that_is_no_tar_is_one_line(tmp_path):
+    (tmp_path / "x.tar.gz").write_bytes(b"hello")
+    fails_cleanly(tmp_path / "x.tar.gz", r"x.tar.gz' is a file but not a readable tar archive "
+                                         r"\(plain, gzip, bzip2 or xz\): file could not be "
+                                         r"opened successfully$", tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "test" / "dog" / "empty").mkdir()  # not a class folder: ignored by the layout
+    (root / "train" / "emu").mkdir()
+    fails_cleanly(root, r"class folder '.*train/emu' holds no images; add images or remove",
+                  tmp_path)
+    archive = tar_of(root, tmp_path / "imgs.tar")
+    fails_cleanly(archive, r"class folder 'train/emu' holds no images", tmp_path)
+
+
+def test_zero_byte_and_garbage_images_name_the_file(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "0.png").write_bytes(b"")
+    fails_cleanly(root, r"unreadable image .*cat/0.png: the file is empty \(0 bytes\)$",
+                  tmp_path)
+    (root / "train" / "cat" / "0.png").write_bytes(b"garbage")
+    archive = tar_of(root, tmp_path / "imgs.tar")
+    fails_cleanly(archive, r"^unreadable image train/cat/0.png: not a format Pillow can read",
+                  tmp_path)
+
+
+def test_truncated_and_garbage_npz_are_one_line(tmp_path):
+    path = write_npz(tmp_path / "x.npz")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    msg = fails_cleanly(path, r"x.npz': not a .npz file \(no zip archive found: wrong format, "
+                              r"or truncated\)$", tmp_path, "npz")
+    assert "allow_pickle" not in msg
+    path.write_bytes(b"\x93NUMPY garbage")
+    fails_cleanly(path, "not a .npz file", tmp_path, "npz")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"classes": np.array(["a", 1, None], dtype=object)},
+     r"x.npz: array 'classes' holds Python objects \(dtype object\); store numbers or strings$"),
+    ({"y_train": np.array([0, 1, 2, 1], dtype=object)}, r"array 'y_train' holds Python objects"),
+    ({"x_train": np.zeros((0, 5, 5), np.uint8), "y_train": np.zeros(0, np.int64)},
+     r"x.npz: x_train holds no images \(shape \(0, 5, 5\)\)$"),
+    ({"x_test": np.zeros((2, 0, 5), np.float32)}, r"x_test holds no images"),
+    ({"x_train": np.array([np.nan, 0.5, 0, 0]).reshape(4, 1, 1).repeat(5, 1).repeat(5, 2)},
+     r"x_train contains 25 NaN values; images must be uint8 or float in \[0, 1\]$"),
+    ({"x_test": np.full((2, 5, 5), np.inf)}, r"x_test contains 50 infinite values"),
+    ({"classes": np.zeros((3, 2), np.int64)}, r"classes must be a 1-D array of names"),
+])
+def test_npz_object_empty_and_nan_arrays(tmp_path, arrays, message):
+    fails_cleanly(write_npz(tmp_path / "x.npz", **arrays), message, tmp_path, "npz")
+
+
+def test_mnist_names_the_missing_file(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((n, 28, 28)))
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    (raw / "t10k-labels-idx1-ubyte").unlink()  # torchvision checks all four files
+    msg = fails_cleanly(tmp_path, r"\(while loading its train split\); set dataset.download: "
+                                  r"true to fetch it \(missing '.*MNIST/raw/t10k-labels-idx1-"
+                                  r"ubyte'\)$", tmp_path, "mnist")
+    assert "download=True" not in msg
+
+
+def test_prepare_logs_one_summary_line(tmp_path, capsys):
+    prepare(params(name="synthetic", synthetic=SyntheticParams(classes=3, per_class=10)),
+            tmp_path / "s.npz")
+    assert capsys.readouterr().err.splitlines() == [
+        "prepared 30 images (train 24, test 6), 3 classes, 16x16x1 uint8"]

@@ -29,8 +29,8 @@ GRID = {"latent": {"models": ["vae"]}, "neighbours": {"metrics": ["cosine"]},
 # Columns that identify a row, and the numbers that must agree; timings, device and host
 # may differ between a local run and a SLURM job.
 KEYS = ["dataset", "run", "stage", "latent", "metric", "variant", "seed"]
-NUMBERS = ["top1", "knn_top1", "purity_at_1", "purity_at_k", "feature_dim", "epochs",
-           "n_train", "n_test"]
+NUMBERS = ["top1", "knn5_top1", "knn200_top1", "purity_at_1", "purity_at_k", "feature_dim",
+           "epochs", "n_train", "n_test"]
 
 
 def _script(*args: str, timeout: float) -> subprocess.CompletedProcess:

@@ -1,12 +1,15 @@
 # BYOL runs live in results/<ds>/byol/<name>/seed<N>/ with name `baseline`,
 # `<variant>-<model>-<metric>` or `untrained`. state.pt beside the outputs is the resumable
-# checkpoint: a killed job re-run by snakemake continues from it.
+# checkpoint: a killed job re-run by snakemake continues from it. It is a param, not an
+# output, so Snakemake never deletes it; after training it holds the finished encoder, so a
+# job whose outputs Snakemake discarded as incomplete (Ctrl-C, kill -9) only rewrites them.
 
 
 rule byol_baseline:
     """Plain BYOL: both views are augmentations of the same image."""
     input:
         data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
         code=sources("byol.py", "backbones.py", "augment.py", "plots.py"),
     output:
         encoder=f"{R}/byol/{{variant}}/seed{{seed}}/encoder.pt",
@@ -21,6 +24,7 @@ rule byol_baseline:
         variant="baseline",
     params:
         cfg=byol_cfg,
+        opts=runtime_of("byol"),
         device=DEVICE,
         state=f"{R}/byol/{{variant}}/seed{{seed}}/state.pt",
     log:
@@ -36,7 +40,8 @@ rule byol_baseline:
         gpu=GPU,
     shell:
         "python -m pipeline --threads {threads} byol --variant {wildcards.variant}"
-        " --seed {wildcards.seed} --params {params.cfg:q} --device {params.device}"
+        " --seed {wildcards.seed} --params {params.cfg:q} --runtime {params.opts:q}"
+        " --device {params.device}"
         " --data {input.data} --out {output.encoder} --state {params.state}"
         " --history {output.history} --loss-plot {output.loss_plot} > {log} 2>&1"
 
@@ -45,6 +50,7 @@ rule byol_neighbours:
     """BYOL whose positives include neighbours mined in a latent space (probabilistic, weighted)."""
     input:
         data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
         neighbours=f"{R}/neighbours/{{model}}-{{metric}}/neighbours.parquet",
         code=sources("byol.py", "backbones.py", "augment.py", "plots.py"),
     output:
@@ -60,6 +66,7 @@ rule byol_neighbours:
         variant="probabilistic|weighted",
     params:
         cfg=byol_cfg,
+        opts=runtime_of("byol"),
         device=DEVICE,
         state=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/state.pt",
     log:
@@ -75,7 +82,8 @@ rule byol_neighbours:
         gpu=GPU,
     shell:
         "python -m pipeline --threads {threads} byol --variant {wildcards.variant}"
-        " --seed {wildcards.seed} --params {params.cfg:q} --device {params.device}"
+        " --seed {wildcards.seed} --params {params.cfg:q} --runtime {params.opts:q}"
+        " --device {params.device}"
         " --data {input.data} --neighbours {input.neighbours} --out {output.encoder}"
         " --state {params.state} --history {output.history}"
         " --loss-plot {output.loss_plot} > {log} 2>&1"

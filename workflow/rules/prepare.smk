@@ -16,3 +16,30 @@ rule prepare:
         runtime=60,
     shell:
         "python -m pipeline --threads {threads} prepare --params {params.cfg:q} --out {output} > {log} 2>&1"
+
+
+# Training rules take this marker as ancient input: they wait for the checks, and a re-run
+# of the checks (neighbours.k changed) never invalidates finished training.
+CHECKED = f"{R}/data_checked.json"
+
+
+rule check_data:
+    """Checks that need the prepared data (neighbours.k, labels) before any training starts."""
+    input:
+        data=f"{R}/data.npz",
+        code=sources("prepare.py"),
+    output:
+        CHECKED,
+    params:
+        k=f"--k {config['neighbours']['k']}" if SPACES and METRICS else "",
+    log:
+        f"{LOGS}/check_data.log",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m pipeline check-data --data {input.data} {params.k} --out {output} > {log} 2>&1"
