@@ -1,4 +1,4 @@
-"""Figures for people and the Snakemake report: image grids, loss curves, accuracy chart."""
+"""Drawing helpers for the stages: image grids and loss curves (report figures: figures.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _save(fig, path: str | Path) -> None:
 def image_grid(
     rows: Sequence[np.ndarray], path: str | Path, row_labels: Sequence[str] | None = None,
     title: str = "", col_labels: Sequence[str] | None = None,
+    cell_labels: Sequence[Sequence[str]] | None = None,
 ) -> None:
     """Save rows of images as one PNG.
 
@@ -36,6 +37,7 @@ def image_grid(
         path: PNG to write (atomically).
         row_labels: one label per row, shown at its left.
         col_labels: one label per column, shown above the first row.
+        cell_labels: per row, one (possibly empty) label per image, shown in red under it.
     """
     plt = _pyplot()
     n_cols = max(len(r) for r in rows)
@@ -60,8 +62,13 @@ def image_grid(
                 ax.set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
             if i == 0 and col_labels is not None and j < len(col_labels):
                 ax.set_title(col_labels[j], fontsize=7)
+            if cell_labels is not None and j < len(cell_labels[i]) and cell_labels[i][j]:
+                ax.set_xlabel(cell_labels[i][j], fontsize=7, color="#c00000", labelpad=1)
     if title:
-        fig.suptitle(title, fontsize=10)
+        # Above the column labels, whatever the number of rows (bbox "tight" keeps it).
+        height = fig.get_size_inches()[1]
+        fig.subplots_adjust(top=1 - 0.3 / height)
+        fig.suptitle(title, fontsize=10, y=1 + 0.05 / height, va="bottom")
     _save(fig, path)
 
 
@@ -84,30 +91,4 @@ def loss_curves(
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
-
-
-def accuracy_chart(table: str | Path, path: str | Path) -> None:
-    """Horizontal bars of linear-probe top-1 per run, mean +- std over seeds."""
-    import pandas as pd
-
-    from pipeline.aggregate import summarise
-
-    df = pd.read_csv(table)
-    summary = summarise(df)
-    colours = {"pixels": "#888888", "latent": "#4c72b0", "byol": "#dd8452"}
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(summary) + 1.2))
-    labels = [f"{r.run}" + (f" (n={r.seeds})" if r.seeds > 1 else "") for r in summary.itertuples()]
-    y = np.arange(len(summary))[::-1]
-    ax.barh(y, summary["top1_mean"], xerr=summary["top1_std"], capsize=3,
-            color=[colours.get(s, "#55a868") for s in summary["stage"]])
-    for yi, m in zip(y, summary["top1_mean"], strict=True):
-        ax.text(m + 0.005, yi, f"{m:.3f}", va="center", fontsize=7)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("linear-probe top-1 (mean ± std over seeds)")
-    lo = max(0.0, float(summary["top1_mean"].min()) - 0.1)
-    ax.set_xlim(lo, 1.07)  # room for the value labels
-    ax.set_title(", ".join(sorted(df["dataset"].astype(str).unique())), fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
     _save(fig, path)

@@ -1,10 +1,18 @@
-"""Linear probe and kNN accuracy on features whose answer is known."""
+"""Linear probe, weighted kNN, the seed summary and the combined table, against hand numbers."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipeline.aggregate import aggregate
-from pipeline.evaluate import EvaluateParams, evaluate, knn_accuracy, linear_probe
+from pipeline.evaluate import (
+    EvaluateParams,
+    accuracies,
+    evaluate,
+    linear_probe,
+    topk_correct,
+    weighted_knn_scores,
+)
 from pipeline.io import read_json
 from pipeline.prepare import PrepareParams, prepare
 
@@ -19,32 +27,185 @@ def blobs(n, seed, spread):
 def test_probe_separable_vs_noise():
     x, y = blobs(150, 0, 0.5)
     xt, yt = blobs(60, 1, 0.5)
-    assert linear_probe(x, y, xt, yt) == 1.0
-    assert knn_accuracy(x, y, xt, yt, 5) == 1.0
+    assert topk_correct(linear_probe(x, y, xt, 3), yt, 1).all()
+    assert topk_correct(weighted_knn_scores(x, y, xt, 3, 5), yt, 1).all()
     noise = np.random.default_rng(2).normal(size=x.shape)
-    assert linear_probe(noise, y, np.random.default_rng(3).normal(size=xt.shape), yt) < 0.6
+    scores = linear_probe(noise, y, np.random.default_rng(3).normal(size=xt.shape), 3)
+    assert topk_correct(scores, yt, 1).mean() < 0.6
 
 
-def test_knn_votes_by_majority():
-    train = np.array([[1.0, 0], [1.0, 0.1], [0, 1.0], [-1.0, 0]])
-    labels = np.array([0, 0, 1, 2])
-    assert knn_accuracy(train, labels, np.array([[1.0, 0.05]]), np.array([0]), k=3) == 1.0
+def test_weighted_knn_by_hand():
+    # Test point (1, 0.2). Cosine similarities to the training points: 0.98058 (label 0),
+    # 0.19612 (1), 0.83205 (1), -0.98058 (2). With k = 3 and T = 0.5 the votes are
+    # class 0: exp(0.98058 / 0.5) = 7.1076, class 1: exp(0.83205 / 0.5) + exp(0.19612 / 0.5)
+    # = 5.2810 + 1.4802 = 6.7612: class 0 wins, where a majority vote would pick class 1.
+    train = np.array([[1.0, 0], [0, 1.0], [1.0, 1.0], [-1.0, 0]])
+    labels = np.array([0, 1, 1, 2])
+    scores = weighted_knn_scores(train, labels, np.array([[1.0, 0.2]]), 3, k=3, temperature=0.5)
+    np.testing.assert_allclose(scores, [[7.1076, 6.7612, 0.0]], rtol=1e-4)
+    # k above the number of training images is capped: the fourth point votes too.
+    scores = weighted_knn_scores(train, labels, np.array([[1.0, 0.2]]), 3, k=99, temperature=0.5)
+    np.testing.assert_allclose(scores, [[7.1076, 6.7612, np.exp(-0.98058 / 0.5)]], rtol=1e-4)
 
 
-def test_pixel_row_on_digits(tmp_path):
+def brute_force_knn(train_x, train_y, test_x, n_classes, k, t):
+    """The protocol written out one test image at a time, in float64."""
+    out = np.zeros((len(test_x), n_classes))
+    for i, q in enumerate(test_x):
+        sims = [float(q @ a / np.linalg.norm(q) / np.linalg.norm(a)) for a in train_x]
+        for j in sorted(range(len(sims)), key=lambda j: -sims[j])[:min(k, len(sims))]:
+            out[i, train_y[j]] += np.exp(sims[j] / t)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 200])
+def test_weighted_knn_matches_brute_force(k):
+    rng = np.random.default_rng(k)
+    x, y = rng.normal(size=(120, 6)), rng.integers(0, 8, 120)
+    xt, yt = rng.normal(size=(40, 6)), rng.integers(0, 8, 40)
+    ours = weighted_knn_scores(x, y, xt, 8, k, 0.07, chunk=16)
+    ref = brute_force_knn(x, y, xt, 8, k, 0.07)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    for top in (1, 5):
+        expected = np.mean([yt[i] in np.argsort(-ref[i], kind="stable")[:top]
+                            for i in range(len(yt))])
+        assert topk_correct(ours, yt, top).mean() == expected
+
+
+def test_topk_and_accuracy_columns():
+    scores = np.array([[0.1, 0.5, 0.4, 0, 0, 0], [0.3, 0.3, 0.4, 0, 0, 0]])
+    labels = np.array([2, 1])
+    np.testing.assert_array_equal(topk_correct(scores, labels, 1), [False, False])
+    np.testing.assert_array_equal(topk_correct(scores, labels, 2), [True, False])
+    assert topk_correct(scores, labels, 3).all()  # ties go to the lower class index
+    assert accuracies(scores, labels, 6) == {"top1": 0.0, "top5": 1.0}
+    assert accuracies(scores[:, :5], labels, 5)["top5"] is None  # top-5 needs > 5 classes
+
+
+def test_pixel_row_on_digits(tmp_path, capsys):
     prepare(PrepareParams(), tmp_path / "d.npz")
     row = evaluate(EvaluateParams(), "pixels", tmp_path / "d.npz", tmp_path / "d.npz",
                    tmp_path / "pixels.json", dataset="digits")
     assert read_json(tmp_path / "pixels.json")["top1"] == row["top1"]
     assert row["stage"] == "pixels" and row["run"] == "pixels"
-    assert 0.93 < row["top1"] <= 1.0
+    assert 0.93 < row["top1"] <= row["top5"] <= 1.0
+    assert 0.93 < row["knn20_top1"] <= row["knn20_top5"]
     assert row["n_train"] + row["n_test"] == 1797
+    assert len(row["per_class_top1"]) == 10 and len(row["pca_test"]["xy"]) == row["n_test"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"evaluate pixels: linear top-1 {row['top1']:.4f}, top-5 ")
+    assert f"knn20 top-1 {row['knn20_top1']:.4f}, knn200 top-1" in line
     table = aggregate([tmp_path / "pixels.json"], tmp_path / "t.csv")
     csv = pd.read_csv(tmp_path / "t.csv")
-    assert list(csv.columns[:8]) == ["dataset", "run", "stage", "latent", "metric", "variant",
-                                     "seed", "top1"]
+    assert list(csv.columns[:13]) == [
+        "dataset", "run", "stage", "latent", "metric", "variant", "seed", "top1", "top5",
+        "knn20_top1", "knn20_top5", "knn200_top1", "knn200_top5"]
     assert csv.loc[0, "top1"] == round(row["top1"], 4)
     assert len(table) == 1
+
+
+def _table(rows):
+    from pipeline.config import parse_run_name
+
+    return pd.DataFrame([{"dataset": "d", "run": run, **parse_run_name(run), "seed": seed,
+                          "top1": top1, "knn20_top1": knn} for run, seed, top1, knn in rows])
+
+
+def test_summary_mean_std_and_paired_difference_by_hand():
+    from pipeline.aggregate import summarise
+
+    df = _table([
+        ("pixels", None, 0.80, 0.70),
+        ("byol-baseline", 0, 0.90, 0.80), ("byol-baseline", 1, 0.92, 0.80),
+        ("byol-baseline", 2, 0.94, 0.80),
+        ("byol-weighted-vae-cosine", 0, 0.91, 0.81), ("byol-weighted-vae-cosine", 1, 0.95, 0.82),
+        ("byol-weighted-vae-cosine", 2, 0.94, 0.83),
+        ("byol-probabilistic-vae-cosine", 1, 0.96, 0.90),  # one seed: no interval
+        ("byol-weighted-ae-cosine", 0, 0.95, 0.81), ("byol-weighted-ae-cosine", 1, 0.97, 0.81),
+        ("byol-weighted-ae-cosine", 5, 0.10, 0.10),  # seed 5 has no baseline: not a pair
+    ])
+    s = summarise(df).set_index("run")
+    w = s.loc["byol-weighted-vae-cosine"]
+    assert w["n_seeds"] == 3 and w["seeds"] == "0 1 2"
+    # top1 0.91, 0.95, 0.94: mean 0.93333, sd sqrt(8.6667e-4 / 2) = 0.020817.
+    assert w["top1_mean"] == pytest.approx(0.933333, abs=1e-6)
+    assert w["top1_std"] == pytest.approx(0.020817, abs=1e-6)
+    # Differences to the baseline on seeds 0, 1, 2: 0.01, 0.03, 0.00. Mean 0.013333, sd
+    # 0.015275, t_{0.975, 2} = 4.302653: half-width 4.302653 * 0.015275 / sqrt(3) = 0.037946.
+    assert w["top1_diff"] == pytest.approx(0.013333, abs=1e-6)
+    assert w["top1_diff_ci95_low"] == pytest.approx(-0.024612, abs=1e-5)
+    assert w["top1_diff_ci95_high"] == pytest.approx(0.051279, abs=1e-5)
+    assert w["n_pairs"] == 3 and w["top1_verdict"] == "no significant difference"
+    # kNN differences 0.01, 0.02, 0.03: mean 0.02, sd 0.01, half-width 4.302653 * 0.01 / sqrt(3).
+    assert w["knn20_top1_diff"] == pytest.approx(0.02, abs=1e-9)
+    assert w["knn20_top1_diff_ci95_low"] == pytest.approx(0.02 - 0.024841, abs=1e-5)
+    p = s.loc["byol-probabilistic-vae-cosine"]
+    assert p["n_pairs"] == 1 and p["top1_diff"] == pytest.approx(0.04)
+    assert np.isnan(p["top1_diff_ci95_low"]) and p["top1_verdict"] == "n < 2: no interval"
+    assert np.isnan(p["top1_std"])
+    a = s.loc["byol-weighted-ae-cosine"]
+    # Pairs on seeds 0 and 1 only: 0.05, 0.05; sd 0, so the interval is the point itself.
+    assert a["n_pairs"] == 2 and a["top1_diff"] == pytest.approx(0.05)
+    assert a["top1_diff_ci95_low"] == pytest.approx(0.05)
+    assert a["top1_verdict"] == "better than baseline"
+    for ref in ("pixels", "byol-baseline"):
+        assert pd.isna(s.loc[ref, "n_pairs"]) and np.isnan(s.loc[ref, "top1_diff"])
+    assert s.loc["byol-baseline", "top1_mean"] == pytest.approx(0.92)
+
+
+def test_combine_keeps_other_experiments(tmp_path, capsys):
+    from pipeline.aggregate import combine
+
+    res = tmp_path / "results"
+    (res / "digits").mkdir(parents=True)
+    (res / "synthetic").mkdir()
+    (res / "digits" / "linear_eval.csv").write_text(
+        "dataset,run,seed,top1,knn20_top1\ndigits,pixels,,0.9554,0.9694\n"
+        "digits,byol-baseline,0,0.9889,0.9861\n")
+    (res / "synthetic" / "linear_eval.csv").write_text(
+        "dataset,run,seed,top1,knn5_top1\nsynthetic,pixels,,0.5000,0.4000\n")
+    # A stale table elsewhere that names the current data set is not counted twice.
+    (res / "old").mkdir()
+    (res / "old" / "linear_eval.csv").write_text(
+        "dataset,run,seed,top1\nsynthetic,pixels,,0.1\nold,pixels,,0.2\n")
+    df = combine(res / "synthetic" / "linear_eval.csv", res / "linear_eval.csv")
+    assert "combine: 4 rows" in capsys.readouterr().out
+    text = (res / "linear_eval.csv").read_text().splitlines()
+    assert text[0] == "dataset,run,seed,top1,knn5_top1,knn20_top1"
+    assert text[1:] == ["digits,pixels,,0.9554,,0.9694", "digits,byol-baseline,0,0.9889,,0.9861",
+                        "old,pixels,,0.2,,", "synthetic,pixels,,0.5000,0.4000,"]
+    assert len(df) == 4
+    # The first experiment again: the second one's rows stay.
+    df = combine(res / "digits" / "linear_eval.csv", res / "linear_eval.csv")
+    assert sorted(df["dataset"].unique()) == ["digits", "old", "synthetic"]
+
+
+def test_aggregate_writes_summary_and_html(tmp_path, capsys):
+    from pipeline.io import write_json
+
+    paths = []
+    for i, (run, seed, top1, knn) in enumerate([
+            ("byol-baseline", 0, 0.9, 0.8), ("byol-baseline", 1, 0.92, 0.8),
+            ("byol-weighted-vae-cosine", 0, 0.95, 0.85),
+            ("byol-weighted-vae-cosine", 1, 0.97, 0.86)]):
+        from pipeline.config import parse_run_name
+
+        paths.append(tmp_path / f"{i}.json")
+        write_json(paths[-1], {"dataset": "d", "run": run, **parse_run_name(run), "seed": seed,
+                               "top1": top1, "top5": None, "knn20_top1": knn,
+                               "n_train": 10, "n_test": 5})
+    aggregate(paths, tmp_path / "t.csv", summary=tmp_path / "s.csv",
+              table_html=tmp_path / "t.html", summary_html=tmp_path / "s.html",
+              overview=tmp_path / "o.rst")
+    log = capsys.readouterr().out
+    assert "aggregate: 4 rows, 2 configurations" in log
+    assert "+0.0500 [+0.0500, +0.0500]" in log and "better than baseline" in log
+    s = pd.read_csv(tmp_path / "s.csv")
+    assert list(s["run"]) == ["byol-baseline", "byol-weighted-vae-cosine"]
+    page = (tmp_path / "s.html").read_text()
+    assert "<table" in page and "0.9600 ± 0.0141" in page and 'class="better"' in page
+    assert "<td>byol-weighted-vae-cosine</td>" in (tmp_path / "t.html").read_text()
+    assert "5 labelled test images" in (tmp_path / "o.rst").read_text()
 
 
 def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
@@ -117,3 +278,23 @@ def test_latent_features_align_by_id_and_reject_other_ids(tmp_path):
     write(wrong)
     with pytest.raises(PipelineError, match="ids do not match the prepared data set"):
         latent_features(tmp_path / "l.parquet", data)
+
+
+def test_grid_has_one_anchor_per_class():
+    from pipeline.neighbours import grid_anchors
+
+    labels = np.array([2, 2, 0, -1, 1, 0, 1, 2])
+    np.testing.assert_array_equal(grid_anchors(labels), [2, 4, 0])  # first of class 0, 1, 2
+    assert len(grid_anchors(np.arange(50) % 30, max_rows=20)) == 20
+    np.testing.assert_array_equal(grid_anchors(np.full(5, -1)), [0, 1, 2, 3, 4])
+
+
+def test_figures_say_why_when_there_is_nothing_to_compare(tmp_path):
+    from pipeline.aggregate import summarise
+    from pipeline.figures import accuracy_vs_purity, best_run, paired_chart
+
+    s = summarise(_table([("pixels", None, 0.8, 0.7), ("byol-baseline", 0, 0.9, 0.8)]))
+    assert best_run(s) is None
+    paired_chart(s, tmp_path / "p.png")
+    accuracy_vs_purity(s, tmp_path / "a.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "a.png").exists()

@@ -5,29 +5,41 @@ from __future__ import annotations
 import base64
 import json
 import re
+from html import unescape
 
+import pandas as pd
 import pytest
 from conftest import ROOT, Workflow, tiny_config
 
 pytestmark = pytest.mark.slow
 
 REPORT = ROOT / "workflow" / "report"
-# One job of every rule: one latent model, one metric, baseline and one neighbour variant.
+# One job of every rule: one latent model, one metric, baseline and one neighbour variant; two
+# seeds, so that the paired difference has an interval.
 GRID = {"latent": {"models": ["vae"]}, "neighbours": {"metrics": ["cosine"]},
-        "byol": {"variants": ["baseline", "probabilistic"], "seeds": [0]}}
+        "byol": {"variants": ["baseline", "probabilistic"], "seeds": [0, 1]}}
 DS = "results/synthetic"
 # Report category -> the files it must show, and the caption file of each.
 EXPECTED = {
-    "Results": {"results/linear_eval.csv": "linear_eval.rst",
-                "results/accuracy.png": "accuracy.rst"},
+    "Results": {f"{DS}/linear_eval.csv": "linear_eval.rst",
+                f"{DS}/linear_eval.html": "linear_eval.rst",
+                f"{DS}/summary.csv": "summary.rst",
+                f"{DS}/summary.html": "summary.rst",
+                f"{DS}/accuracy.png": "accuracy.rst",
+                f"{DS}/paired_difference.png": "paired_difference.rst",
+                f"{DS}/accuracy_vs_purity.png": "accuracy_vs_purity.rst",
+                f"{DS}/per_class.png": "per_class.rst",
+                f"{DS}/embeddings.png": "embeddings.rst"},
     "Latent spaces": {f"{DS}/latent/vae/loss.png": "latent_loss.rst",
                       f"{DS}/latent/vae/recon.png": "latent_recon.rst"},
     "Neighbours": {f"{DS}/neighbours/vae-cosine/grid.png": "neighbours_grid.rst",
                    f"{DS}/neighbours/pixels-cosine/grid.png": "neighbours_grid.rst",
                    f"{DS}/neighbours/purity.csv": "purity.rst"},
-    "BYOL": {f"{DS}/byol/baseline/seed0/loss.png": "byol_loss.rst",
-             f"{DS}/byol/probabilistic-vae-cosine/seed0/loss.png": "byol_loss.rst"},
+    "BYOL": {f"{DS}/byol_histories.png": "byol_histories.rst",
+             **{f"{DS}/byol/{run}/seed{s}/loss.png": "byol_loss.rst"
+                for run in ("baseline", "probabilistic-vae-cosine") for s in (0, 1)}},
 }
+MIME = {".png": "image/png", ".csv": "text/csv", ".html": "text/html"}
 
 
 def _js_object(html: str, name: str):
@@ -43,7 +55,7 @@ def _js_object(html: str, name: str):
 
 def _text(markup: str) -> str:
     """Caption HTML or RST source as plain words, for comparing one with the other."""
-    markup = re.sub(r"<[^>]+>|``|\*\*|\*", "", markup)
+    markup = unescape(re.sub(r"<[^>]+>|``|\*\*|\*", "", markup))  # docutils: @ -> &#64;
     return " ".join(markup.split())
 
 
@@ -54,11 +66,12 @@ def _static_prefix(rst: str) -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    """Exactly the card's target, then the report as the README tells it: no other target."""
     path = tmp_path_factory.mktemp("report")
     wf = Workflow(path, tiny_config(**GRID))
-    wf.run()
-    wf.run("--report", "report.html")
-    return wf, (path / "report.html").read_text(encoding="utf-8")
+    wf.run("results/linear_eval.csv")
+    wf.run("--report", f"{DS}/report.html")
+    return wf, (path / DS / "report.html").read_text(encoding="utf-8")
 
 
 def test_report_shows_every_figure_with_its_caption(report):
@@ -74,7 +87,7 @@ def test_report_shows_every_figure_with_its_caption(report):
             header, payload = entry["data_uri"].split(";base64,", 1)
             assert header.startswith(f"data:{entry['mime_type']};")
             assert base64.b64decode(payload) == (wf.path / name).read_bytes()
-            assert entry["mime_type"] == ("image/png" if name.endswith(".png") else "text/csv")
+            assert entry["mime_type"] == MIME[name[name.rindex("."):]]
             prefix = _static_prefix((REPORT / caption).read_text())
             assert prefix and _text(entry["caption"]).startswith(prefix), name
 
@@ -82,9 +95,37 @@ def test_report_shows_every_figure_with_its_caption(report):
 def test_report_captions_of_the_results(report):
     _, html = report
     results = _js_object(html, "results")
-    chart = _text(results["results/accuracy.png"]["caption"])
+    chart = _text(results[f"{DS}/accuracy.png"]["caption"])
     assert "mean ± standard deviation over the BYOL seeds" in chart
-    assert results["results/accuracy.png"]["job_properties"]["rule"] == "accuracy_chart"
+    assert results[f"{DS}/accuracy.png"]["job_properties"]["rule"] == "figures"
+    assert "paired difference" in _text(results[f"{DS}/summary.html"]["caption"])
+
+
+def test_summary_page_is_an_html_table(report):
+    wf, html = report
+    results = _js_object(html, "results")
+    page = base64.b64decode(results[f"{DS}/summary.html"]["data_uri"].split(",", 1)[1])
+    page = page.decode("utf-8")
+    assert page.count("<table") == 1
+    for run in ("pixels", "latent-vae", "byol-untrained", "byol-baseline",
+                "byol-probabilistic-vae-cosine"):
+        assert f"<td>{run}</td>" in page
+    summary = pd.read_csv(wf.path / DS / "summary.csv").set_index("run")
+    row = summary.loc["byol-probabilistic-vae-cosine"]
+    assert row["n_seeds"] == 2 and row["n_pairs"] == 2
+    assert row["top1_diff_ci95_low"] <= row["top1_diff"] <= row["top1_diff_ci95_high"]
+    log = (wf.path / DS / "logs" / "aggregate.log").read_text()
+    assert "byol-probabilistic-vae-cosine" in log and "Δ top1 vs baseline" in log
+    line = (wf.path / DS / "logs" / "evaluate" / "byol-baseline-seed0.log").read_text()
+    assert "evaluate byol-baseline seed 0: linear top-1 " in line and "knn200 top-1" in line
+
+
+def test_figures_exist_and_are_pictures(report):
+    wf, _ = report
+    for name in ("accuracy", "paired_difference", "accuracy_vs_purity", "per_class",
+                 "embeddings", "byol_histories"):
+        png = (wf.path / DS / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
 
 
 def test_report_has_workflow_description(report):
@@ -93,6 +134,10 @@ def test_report_has_workflow_description(report):
     assert desc, 'the Snakefile needs `report: "workflow/report/workflow.rst"`'
     assert desc.startswith("nnbyol: BYOL whose positive pairs are enriched by nearest")
     assert "Read the report in this order: Results" in desc
+    # The data set, its image counts and the configuration used are on the landing page.
+    assert "Data set synthetic: 72 images of 12×12 px, 1 channel, 3 classes" in desc
+    assert "57 train, 15 test" in desc
+    assert 'variants: ["baseline", "probabilistic"]' in desc and "knn_k: [5, 200]" in desc
     # The rule graph of the DAG is embedded too.
     assert "aggregate" in json.dumps(_js_object(html, "rulegraph_spec"))
 
@@ -103,3 +148,23 @@ def test_report_needs_no_network(report):
                           html, flags=re.I)
     assert external == []
     assert re.findall(r"@import\s+url\(\s*[\"']?https?:", html) == []
+
+
+def test_second_experiment_keeps_the_first(report):
+    """Another data set in the same results folder: both tables stay readable side by side.
+    (Runs last: it adds an experiment to the module's workflow.)"""
+    wf, _ = report
+    first = (wf.path / DS / "linear_eval.csv").read_text()
+    other = tiny_config(**GRID)
+    other["dataset"] = {**other["dataset"], "tag": "other",
+                        "synthetic": {"classes": 4, "per_class": 12, "size": 8}}
+    other["latent"] = {**other["latent"], "models": ["ae"]}
+    other["byol"] = {**other["byol"], "variants": ["baseline"], "seeds": [0]}
+    wf.write_config(other)
+    wf.run("results/linear_eval.csv")
+    assert (wf.path / DS / "linear_eval.csv").read_text() == first
+    both = pd.read_csv(wf.path / "results" / "linear_eval.csv")
+    assert set(both["dataset"]) == {"synthetic", "other"}
+    assert (both["dataset"] == "synthetic").sum() == first.count("\n") - 1
+    assert set(pd.read_csv(wf.path / "results" / "other" / "linear_eval.csv")["dataset"]) == {
+        "other"}

@@ -42,14 +42,22 @@ def test_tiny_dag_runs_and_caches(workflow):
     for figure in ("latent/vae/recon.png", "neighbours/pixels-cosine/grid.png",
                    "byol/weighted-ae-cosine/seed0/loss.png"):
         assert (ds / figure).stat().st_size > 1000, figure
-    assert (workflow.path / "results" / "accuracy.png").exists()
+    assert (ds / "accuracy.png").exists() and (ds / "summary.csv").exists()
     # Nothing to do after a complete run.
+    assert workflow.planned() == {}
+    # latent.on_collapse only says what a collapse does: it re-runs nothing.
+    workflow.write_config(tiny_config(latent={**GRID["latent"], "on_collapse": "warn"},
+                                      neighbours=GRID["neighbours"]))
     assert workflow.planned() == {}
     # Settings that do not change results never re-run finished jobs.
     workflow.write_config(tiny_config(
         latent=GRID["latent"], neighbours={**GRID["neighbours"], "chunk_size": 5},
-        byol={"checkpoint_every": 7}, evaluate={"untrained": False}))
+        byol={"checkpoint_every": 7}))
     assert workflow.planned() == {}
+    # Dropping the untrained control re-trains and re-evaluates nothing: only the tables
+    # and figures, which lose its rows, are redone.
+    workflow.write_config(tiny_config(**GRID, evaluate={"untrained": False}))
+    assert set(workflow.planned()) <= {"aggregate", "figures", "combine"}
     workflow.write_config(tiny_config(**GRID))
 
     # One latent model's params re-run only that model's branch.
@@ -73,7 +81,7 @@ def test_tiny_dag_runs_and_caches(workflow):
     workflow.write_config(tiny_config(**GRID, evaluate={"C": 0.5}))
     planned = workflow.planned()
     assert planned and set(planned) <= {"evaluate_pixels", "evaluate_latent", "evaluate_byol",
-                                        "aggregate", "accuracy_chart"}
+                                        "aggregate", "figures", "combine"}
     assert "prepare" not in planned
     workflow.run()
 

@@ -2,6 +2,7 @@
 # helpers here build paths, flat stage params and the experiment grid.
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -18,32 +19,43 @@ from pipeline.config import (
     latent_params,
     neighbours_params,
     prepare_params,
+    resolve_config,
     run_name,
-    validate_config,
+    runtime_params,
 )
 from pipeline.prepare import PrepareParams, check_source
 
-from snakemake.exceptions import WorkflowError
 
+# A --configfile replaces config.yaml instead of being merged over it (Snakemake's default),
+# so another experiment never inherits the embedded digits experiment's grid.
+_USER_FILES = [str(f) for f in workflow.overwrite_configfiles]
+_user = dict(workflow.config_settings.overwrite_config) if _USER_FILES else dict(config)
 try:
-    _checked = validate_config(config)
+    _checked = resolve_config(_user)
     check_source(build(PrepareParams, prepare_params(_checked)))
 except PipelineError as error:
-    raise WorkflowError(str(error)) from None
+    # One line naming the key, before any traceback-shaped framing.
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 config.clear()
 config.update(_checked)
 
-DS = dataset_tag(config)
+DS = dataset_tag(config, _USER_FILES)
 R = f"results/{DS}"
 LOGS = f"{R}/logs"
 SRC = Path(workflow.basedir) / "pipeline"
 ENV = "../envs/nnbyol.yaml"
 # Every job runs `python -m pipeline` with the interpreter running snakemake, and the
 # workflow's own copy of the package first on the path (also for a copy outside the repo).
-shell.prefix(
-    f"export PATH={Path(sys.executable).parent}:$PATH"
-    f" PYTHONPATH={workflow.basedir}:$PYTHONPATH; "
+# A prefix replaces Snakemake's default one, so it restates strict mode; both folders are
+# quoted because a checkout path may hold spaces or `$(...)`, and every brace is doubled
+# because Snakemake formats the prefix like a rule's command.
+_PREFIX = (
+    "set -euo pipefail; "
+    f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""
+    f" PYTHONPATH={shlex.quote(workflow.basedir)}\"${{PYTHONPATH:+:$PYTHONPATH}}\"; "
 )
+shell.prefix(_PREFIX.replace("{", "{{").replace("}", "}}"))
 DEVICE = config["device"]
 # GPU stages ask for one GPU unless the config pins the CPU; under `auto` only when this
 # host shows one (set device: cuda to request GPUs from a cluster with CPU-only login nodes).
@@ -82,6 +94,19 @@ def params_of(kind, *args):
         "evaluate": evaluate_params,
     }
     return as_param(makers[kind](config, *args))
+
+
+def runtime_of(stage):
+    """A stage's runtime-only settings (chunk size, checkpoint interval) as a params function.
+
+    Snakemake counts a params function that takes ``input`` as derived and leaves it out of
+    its params rerun trigger, so changing these never re-runs finished jobs.
+    """
+
+    def runtime(wildcards, input):
+        return as_param(runtime_params(config, stage))
+
+    return runtime
 
 
 def eval_json(run, seed=None):
@@ -135,12 +160,21 @@ def linear_eval_inputs(wildcards):
     return runs
 
 
+def byol_histories(wildcards):
+    """Per-epoch history of every trained BYOL run and seed (for the overlaid curves)."""
+    return [os.path.join(byol_dir(r, s), "history.csv") for r in byol_runs() for s in SEEDS]
+
+
 def report_inputs(wildcards):
     """Everything the HTML report shows, so `snakemake --report` finds it built."""
     figures = [f"{R}/latent/{m}/{f}.png" for m in LATENTS for f in ("loss", "recon")]
     figures += [f"{R}/neighbours/{s}-{m}/grid.png" for s in SPACES for m in METRICS]
     figures += [os.path.join(byol_dir(r, s), "loss.png") for r in byol_runs() for s in SEEDS]
-    return figures + [f"{R}/neighbours/purity.csv", "results/accuracy.png"]
+    figures += [f"{R}/{f}.png" for f in ("accuracy", "paired_difference", "accuracy_vs_purity",
+                                         "per_class", "embeddings", "byol_histories")]
+    tables = ["linear_eval.csv", "summary.csv", "linear_eval.html", "summary.html",
+              "overview.rst"]
+    return figures + [f"{R}/neighbours/purity.csv"] + [f"{R}/{t}" for t in tables]
 
 
 def latent_cfg(wildcards):

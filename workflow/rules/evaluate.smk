@@ -77,13 +77,28 @@ rule evaluate_byol:
 
 
 rule aggregate:
-    """One table comparing every evaluated representation."""
+    """The experiment's results table, its summary over seeds with paired differences to the
+    baseline (CSV and HTML pages for the report), and the report's data-set overview."""
     input:
         runs=linear_eval_inputs,
         purity=purity_table,
+        data=f"{R}/data.npz",
         code=sources("aggregate.py"),
     output:
-        report("results/linear_eval.csv", caption="../report/linear_eval.rst", category="Results"),
+        table=report(f"{R}/linear_eval.csv", caption="../report/linear_eval.rst",
+                     category="Results", subcategory="Tables (CSV)",
+                     labels={"table": "linear_eval.csv: every run and seed"}),
+        summary=report(f"{R}/summary.csv", caption="../report/summary.rst",
+                       category="Results", subcategory="Tables (CSV)",
+                       labels={"table": "summary.csv: per configuration over seeds"}),
+        summary_html=report(f"{R}/summary.html", caption="../report/summary.rst",
+                            category="Results", subcategory="Summary and paired differences",
+                            labels={"page": "1. summary table: mean ± std over seeds, "
+                                    "paired difference to byol-baseline"}),
+        table_html=report(f"{R}/linear_eval.html", caption="../report/linear_eval.rst",
+                          category="Results", subcategory="Every run",
+                          labels={"page": "results table: every run and seed"}),
+        overview=f"{R}/overview.rst",
     conda:
         ENV
     params:
@@ -95,23 +110,71 @@ rule aggregate:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m pipeline aggregate --out {output} {params.purity} {input.runs} > {log} 2>&1"
+        "python -m pipeline aggregate --out {output.table} --summary {output.summary}"
+        " --summary-html {output.summary_html} --table-html {output.table_html}"
+        " --overview {output.overview} --data {input.data} {params.purity} {input.runs}"
+        " > {log} 2>&1"
 
 
-rule accuracy_chart:
-    """Bar chart of top-1 per run, mean +- std over seeds, for the report."""
+rule figures:
+    """Every figure of the report's results pages, from the tables, metrics and histories."""
     input:
-        table="results/linear_eval.csv",
-        code=sources("plots.py"),
+        summary=f"{R}/summary.csv",
+        data=f"{R}/data.npz",
+        evals=linear_eval_inputs,
+        histories=byol_histories,
+        code=sources("figures.py"),
     output:
-        report("results/accuracy.png", caption="../report/accuracy.rst", category="Results"),
-    log:
-        f"{LOGS}/accuracy_chart.log",
+        accuracy=report(f"{R}/accuracy.png", caption="../report/accuracy.rst",
+                        category="Results", subcategory="Summary and paired differences",
+                        labels={"page": "3. accuracy per representation (chart)"}),
+        paired=report(f"{R}/paired_difference.png", caption="../report/paired_difference.rst",
+                      category="Results", subcategory="Summary and paired differences",
+                      labels={"page": "2. paired differences with 95 % intervals (chart)"}),
+        purity=report(f"{R}/accuracy_vs_purity.png",
+                      caption="../report/accuracy_vs_purity.rst", category="Results",
+                      subcategory="Why: purity, classes, embeddings",
+                      labels={"page": "1. accuracy versus neighbour purity"}),
+        per_class=report(f"{R}/per_class.png", caption="../report/per_class.rst",
+                         category="Results", subcategory="Why: purity, classes, embeddings",
+                         labels={"page": "2. per-class accuracy, best against baseline"}),
+        embeddings=report(f"{R}/embeddings.png", caption="../report/embeddings.rst",
+                          category="Results", subcategory="Why: purity, classes, embeddings",
+                          labels={"page": "3. test images in 2-D (PCA), coloured by label"}),
+        curves=report(f"{R}/byol_histories.png", caption="../report/byol_histories.rst",
+                      category="BYOL", subcategory="all runs"),
     conda:
         ENV
+    log:
+        f"{LOGS}/figures.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    shell:
+        "python -m pipeline figures --summary {input.summary} --data {input.data}"
+        " --evals {input.evals} --histories {input.histories} --accuracy {output.accuracy}"
+        " --paired {output.paired} --purity {output.purity} --per-class {output.per_class}"
+        " --embeddings {output.embeddings} --curves {output.curves} > {log} 2>&1"
+
+
+rule combine:
+    """results/linear_eval.csv: this experiment's table beside every other experiment's
+    results/<tag>/linear_eval.csv on disk. It needs every report file, so that
+    `snakemake --report` works right after this target is built."""
+    input:
+        table=f"{R}/linear_eval.csv",
+        report=report_inputs,
+        code=sources("aggregate.py"),
+    output:
+        "results/linear_eval.csv",
+    conda:
+        ENV
+    log:
+        f"{LOGS}/combine.log",
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m pipeline accuracy-chart --table {input.table} --out {output} > {log} 2>&1"
+        "python -m pipeline combine --current {input.table} --out {output} > {log} 2>&1"
