@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.augment import AugmentParams, augment, normalise, to_float  # noqa: E402
 from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.byol import Batch, Online, Target, byol_step, make_optimizer  # noqa: E402
+from pipeline.byol import byol_step  # noqa: E402
+from pipeline.byol_model import Online, Target  # noqa: E402
+from pipeline.byol_optim import make_optimizer  # noqa: E402
+from pipeline.byol_variants import VARIANTS, Batch  # noqa: E402
 
 
 def _sync(dev):
@@ -90,7 +93,7 @@ def bench_case(backbone, channels, size, args, dev):
     rng = np.random.default_rng(0)
     images_np = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
     online, target, opt, autocast = _model(backbone, channels, size, dev)
-    aug = AugmentParams()
+    aug = AugmentParams(blur_prob=0.0, solarize_prob=0.0)
     mean = torch.full((channels,), 0.5, device=dev)
     std = torch.full((channels,), 0.25, device=dev)
     cl = dev.type == "cuda"
@@ -140,11 +143,12 @@ def bench_case(backbone, channels, size, args, dev):
 
 
 def accuracy(args):
-    """Linear top-1 on digits for baseline and both neighbour variants (pixel-space neighbours)."""
+    """Digits linear top-1 of the untrained encoder and each variant (pixel-space neighbours)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.byol import ByolParams, encode_checkpoint, train_byol
+    from pipeline.byol_encoder import write_untrained
     from pipeline.config import build
     from pipeline.evaluate import linear_probe
     from pipeline.io import TRAINING_SPLITS, load_prepared
@@ -174,17 +178,21 @@ def accuracy(args):
     params = build(ByolParams, {"epochs": args.epochs, **json.loads(args.params)})
     print(f"digits, pixel-space neighbours k={k} (purity@1 {purity:.3f}), "
           f"{args.epochs} epochs, params {args.params}, seeds {args.seeds}")
-    for variant in ("untrained", "baseline", "probabilistic", "weighted"):
+    for variant in args.variants:
         accs, secs = [], []
         for seed in args.seeds:
             out = tmp / f"{variant}{seed}.pt"
             t0 = time.time()
-            train_byol(params, "baseline" if variant == "untrained" else variant, seed,
-                       tmp / "data.npz", tmp / "nb.parquet", out, tmp / "s.pt", tmp / "h.csv",
-                       tmp / "l.png", args.device, untrained=variant == "untrained")
+            if variant == "untrained":
+                write_untrained(params.backbone, params.proj_hidden, params.proj_dim, seed,
+                                tmp / "data.npz", out)
+            else:
+                train_byol(params, variant, seed, tmp / "data.npz", tmp / "nb.parquet", out,
+                           tmp / "s.pt", tmp / "h.csv", tmp / "l.png", args.device)
             secs.append(time.time() - t0)
             f, _ = encode_checkpoint(out, data, args.device)
-            accs.append(linear_probe(f[tr], data.labels[tr], f[te], data.labels[te], seed=seed))
+            probs = linear_probe(f[tr], data.labels[tr], f[te], len(data.classes), seed=seed)
+            accs.append(float((probs.argmax(1) == data.labels[te]).mean()))
         print(f"  {variant:<14} top1 {np.mean(accs):.4f} +- {np.std(accs):.4f}  "
               f"({np.mean(secs):.1f} s/run)")
 
@@ -203,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--params", default="{}", help="flat BYOL params (JSON) for --accuracy")
+    ap.add_argument("--variants", nargs="+", default=["untrained", *VARIANTS],
+                    help="for --accuracy: untrained and any registered BYOL variants")
     ap.add_argument("--max-train", type=int, default=None,
                     help="digits training images for --accuracy (default: all 1,438)")
     args = ap.parse_args(argv)

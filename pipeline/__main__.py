@@ -26,6 +26,12 @@ def _prepare(a):
     prepare(_params(PrepareParams, a.params), a.out)
 
 
+def _check_data(a):
+    from pipeline.prepare import check_data
+
+    check_data(a.data, a.out, a.k)
+
+
 def _train_latent(a):
     from pipeline.latent import LatentParams, train_latent
 
@@ -56,7 +62,15 @@ def _byol(a):
     from pipeline.byol import ByolParams, train_byol
 
     train_byol(_params(ByolParams, a.params), a.variant, a.seed, a.data, a.neighbours, a.out,
-               a.state, a.history, a.loss_plot, a.device, untrained=a.untrained)
+               a.state, a.history, a.loss_plot, a.device)
+
+
+def _byol_untrained(a):
+    from pipeline.byol import ByolParams
+    from pipeline.byol_encoder import write_untrained
+
+    p = _params(ByolParams, a.params)
+    write_untrained(p.backbone, p.proj_hidden, p.proj_dim, a.seed, a.data, a.out)
 
 
 def _evaluate(a):
@@ -69,13 +83,21 @@ def _evaluate(a):
 def _aggregate(a):
     from pipeline.aggregate import aggregate
 
-    aggregate(a.inputs, a.out, a.purity)
+    aggregate(a.inputs, a.out, a.purity, a.summary, a.table_html, a.summary_html, a.overview,
+              a.data)
 
 
-def _accuracy_chart(a):
-    from pipeline.plots import accuracy_chart
+def _combine(a):
+    from pipeline.aggregate import combine
 
-    accuracy_chart(a.table, a.out)
+    combine(a.current, a.out)
+
+
+def _figures(a):
+    from pipeline.figures import report_figures
+
+    report_figures(a.summary, a.data, a.evals, a.histories, a.accuracy, a.paired,
+                   a.purity, a.curves, a.per_class, a.embeddings)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,12 +110,20 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         if params:
             s.add_argument("--params", required=True, help="stage params as one JSON object")
+            s.add_argument("--runtime", default="{}",
+                           help="settings that do not change results (chunk size, checkpoint "
+                                "interval), as one JSON object merged into --params")
         if device:
             s.add_argument("--device", default="auto")
         return s
 
     s = stage("prepare", _prepare, params=True)
     s.add_argument("--out", type=Path, required=True)
+
+    s = stage("check-data", _check_data)
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--k", type=int, default=None, help="neighbours.k, when neighbours are mined")
 
     s = stage("train-latent", _train_latent, params=True, device=True)
     s.add_argument("--model", required=True)
@@ -118,8 +148,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--variant", required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--neighbours", type=Path, default=None)
-    s.add_argument("--untrained", action="store_true", help="write the initial encoder only")
     for name in ("data", "out", "state", "history", "loss-plot"):
+        s.add_argument(f"--{name}", type=Path, required=True)
+
+    s = stage("byol-untrained", _byol_untrained, params=True)
+    s.add_argument("--seed", type=int, required=True)
+    for name in ("data", "out"):
         s.add_argument(f"--{name}", type=Path, required=True)
 
     s = stage("evaluate", _evaluate, params=True, device=True)
@@ -130,13 +164,24 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{name}", type=Path, required=True)
 
     s = stage("aggregate", _aggregate)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True, help="the experiment's results table")
     s.add_argument("--purity", type=Path, default=None, help="neighbours purity table")
+    s.add_argument("--data", type=Path, default=None, help="data.npz, for the image counts")
+    for name in ("summary", "table-html", "summary-html", "overview"):
+        s.add_argument(f"--{name}", type=Path, default=None)
     s.add_argument("inputs", nargs="+", type=Path)
 
-    s = stage("accuracy-chart", _accuracy_chart)
-    s.add_argument("--table", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
+    s = stage("combine", _combine)
+    s.add_argument("--current", type=Path, required=True, help="this experiment's table")
+    s.add_argument("--out", type=Path, required=True,
+                   help="table of every experiment: --current plus each <out dir>/*/<name>")
+
+    s = stage("figures", _figures)
+    for name in ("summary", "data", "accuracy", "paired", "purity", "curves", "per-class",
+                 "embeddings"):
+        s.add_argument(f"--{name}", type=Path, required=True)
+    s.add_argument("--evals", nargs="+", type=Path, required=True)
+    s.add_argument("--histories", nargs="*", type=Path, default=[])
     return p
 
 
@@ -146,10 +191,17 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(args.threads)
     try:
+        if getattr(args, "runtime", "{}") != "{}":
+            # Kept apart from --params so that Snakemake's params trigger never sees them.
+            args.params = json.dumps({**json.loads(args.params), **json.loads(args.runtime)})
         args.fn(args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every job of the terminal's process group
+        print(f"error: {args.stage} interrupted; a re-run resumes trainings from their last "
+              "checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

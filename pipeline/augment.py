@@ -12,15 +12,18 @@ import torch.nn.functional as F
 _LUMA = (0.299, 0.587, 0.114)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AugmentParams:
+    """One view's augmentation. Blur and solarisation have no default here: BYOL's two views
+    differ in exactly these (``ByolParams.view1`` / ``view2`` hold the paper's values)."""
+
+    blur_prob: float
+    solarize_prob: float
     crop_min_scale: float = 0.3
     flip_prob: float = 0.5
     jitter_prob: float = 0.8
     jitter_strength: float = 0.4
     grayscale_prob: float = 0.2
-    blur_prob: float = 0.0
-    solarize_prob: float = 0.0
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:

@@ -22,11 +22,15 @@ PRESETS = WORKFLOW / "presets"
 
 LATENT_MODELS = ("autodecoder", "ae", "vae")
 METRICS = ("euclidean", "cosine")
-VARIANTS = ("baseline", "probabilistic", "weighted")
 
 
 def load_schema(path: str | Path = SCHEMA) -> dict:
     return yaml.safe_load(Path(path).read_text())
+
+
+# The BYOL variants: the schema's enum is the list the workflow knows; a test checks that it
+# names exactly the registry in pipeline.byol_variants (imported here it would pull in torch).
+VARIANTS = tuple(load_schema()["properties"]["byol"]["properties"]["variants"]["items"]["enum"])
 
 
 def _apply_defaults(instance: dict, schema: dict) -> None:
@@ -102,6 +106,10 @@ def _check_grid(config: dict) -> None:
             raise PipelineError(
                 f"config key {key!r}: [] is empty, but byol.variants asks for {wanted}, "
                 f"which need neighbours; list at least one, or set byol.variants: [baseline]")
+    k, mined = config["byol"]["topk"]["k"], config["neighbours"]["k"]
+    if "topk" in wanted and k - 1 > mined:
+        raise PipelineError(f"config key 'byol.topk.k': {k} needs {k - 1} neighbours per image, "
+                            f"but neighbours.k is {mined}; raise neighbours.k or lower it")
     tag = config["dataset"].get("tag")
     if tag in (".", ".."):
         raise PipelineError(f"config key 'dataset.tag': {tag!r} would write outside results/; "
@@ -193,10 +201,20 @@ def neighbours_params(config: dict) -> dict[str, Any]:
     return flatten(_result_keys(config, "neighbours"))
 
 
+BYOL_VIEWS = ("view1", "view2")
+
+
 def byol_params(config: dict, variant: str) -> dict[str, Any]:
-    """Shared BYOL keys plus the variant's own section (seed comes from the wildcard)."""
-    shared = {k: v for k, v in _result_keys(config, "byol").items() if k not in VARIANTS}
-    return flatten({**shared, **config["byol"].get(variant, {})})
+    """Shared BYOL keys plus the variant's own section (seed comes from the wildcard).
+
+    Each view's augmentation is ``byol.augment`` overridden by that view's section, so the
+    params hold ``view1.*`` and ``view2.*`` in full and no ``augment.*``.
+    """
+    shared = {k: v for k, v in _result_keys(config, "byol").items()
+              if k not in VARIANTS and k not in BYOL_VIEWS and k != "augment"}
+    section = config["byol"]
+    views = {v: {**section.get("augment", {}), **section.get(v, {})} for v in BYOL_VIEWS}
+    return flatten({**shared, **views, **section.get(variant, {})})
 
 
 def evaluate_params(config: dict) -> dict[str, Any]:
@@ -303,7 +321,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 STAGE_SECTIONS = {
     "PrepareParams": "dataset", "SyntheticParams": "dataset.synthetic",
     "LatentParams": "latent", "NeighboursParams": "neighbours", "ByolParams": "byol",
-    "AugmentParams": "byol.augment", "EvaluateParams": "evaluate",
+    "EvaluateParams": "evaluate",  # AugmentParams: byol.view1 / byol.view2, as ByolParams' fields
 }
 
 
@@ -325,10 +343,10 @@ def field_schema(section: str, name: str, schema: dict | None = None) -> tuple[s
     raise KeyError(f"{section}.{name}")
 
 
-def _check_field(cls: type, name: str, value: Any) -> None:
+def _check_field(cls: type, name: str, value: Any, section: str | None = None) -> None:
     import jsonschema
 
-    section = STAGE_SECTIONS.get(cls.__name__)
+    section = section or STAGE_SECTIONS.get(cls.__name__)
     if section is None:
         return
     key, sub = field_schema(section, name)
@@ -340,21 +358,30 @@ def _check_field(cls: type, name: str, value: Any) -> None:
         raise PipelineError(f"config key {where!r}: {error.message}")
 
 
-def check_fields(params: Any) -> None:
+def _nested(section: str | None, name: str) -> str | None:
+    """A nested dataclass field's schema section: its parent's section plus the field name."""
+    return f"{section}.{name}" if section else None
+
+
+def check_fields(params: Any, section: str | None = None) -> None:
     """Check a stage dataclass built in Python (not through :func:`build`) by the schema."""
+    section = section or STAGE_SECTIONS.get(type(params).__name__)
     for field in dataclasses.fields(params):
         value = getattr(params, field.name)
         if dataclasses.is_dataclass(value):
-            check_fields(value)
+            check_fields(value, _nested(section, field.name))
         else:
-            _check_field(type(params), field.name, value)
+            _check_field(type(params), field.name, value, section)
 
 
-def build(cls: type, flat: dict[str, Any]):
+def build(cls: type, flat: dict[str, Any], section: str | None = None):
     """Build dataclass ``cls`` from flat params; nested dataclass fields take ``name.`` keys.
 
     Unknown keys are an error, so a typo in a rule never silently falls back to a default.
+    A nested field is checked against its parent's schema section plus its name
+    (``ByolParams.view1`` -> ``byol.view1``).
     """
+    section = section or STAGE_SECTIONS.get(cls.__name__)
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     used: set[str] = set()
@@ -364,10 +391,14 @@ def build(cls: type, flat: dict[str, Any]):
             prefix = field.name + "."
             sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
             used.update(prefix + k for k in sub)
-            kwargs[field.name] = build(kind, sub)
+            if field.default_factory is not dataclasses.MISSING:
+                # Keys left out keep the field's default instance's values (a BYOL view's
+                # blur and solarisation have no class default, only a per-view one).
+                sub = {**dataclasses.asdict(field.default_factory()), **sub}
+            kwargs[field.name] = build(kind, sub, _nested(section, field.name))
         elif field.name in flat:
             used.add(field.name)
-            _check_field(cls, field.name, flat[field.name])
+            _check_field(cls, field.name, flat[field.name], section)
             kwargs[field.name] = _coerce(flat[field.name], kind, field.name)
     unknown = sorted(set(flat) - used)
     if unknown:

@@ -47,5 +47,5 @@ def test_bench_byol_accuracy_smoke(capsys, one_thread):
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[2]) for line in out.splitlines()
             if line.startswith("  ")}
-    assert set(rows) == {"untrained", "baseline", "probabilistic", "weighted"}
+    assert set(rows) == {"untrained", "baseline", "probabilistic", "weighted", "topk"}
     assert all(0 < v <= 1 for v in rows.values())

@@ -9,21 +9,15 @@ import pytest
 import torch
 
 import pipeline.byol as byol
+import pipeline.byol_variants as variants
 from pipeline import PipelineError
 from pipeline.augment import AugmentParams
 from pipeline.backbones import build_backbone, resolve_backbone
-from pipeline.byol import (
-    ByolParams,
-    Online,
-    Target,
-    Views,
-    ema_update,
-    encode_checkpoint,
-    make_optimizer,
-    symmetric_loss,
-    tau_at,
-    train_byol,
-)
+from pipeline.byol import ByolParams, encode_checkpoint, train_byol
+from pipeline.byol_encoder import channel_stats, write_untrained
+from pipeline.byol_model import Online, Target, ema_update, symmetric_loss
+from pipeline.byol_optim import LARS, make_optimizer, tau_at
+from pipeline.byol_variants import Streams, Views
 from pipeline.io import Prepared, load_prepared, save_prepared
 
 TINY = dict(backbone="smallconv", epochs=2, batch_size=16, proj_dim=8, proj_hidden=16,
@@ -146,7 +140,7 @@ def test_loss_is_symmetric_and_matches_hand_values():
 def test_lars_trust_ratio_step():
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]).view(1, 2))  # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = byol.LARS([{"params": [w], "weight_decay": 0.0},
+    opt = LARS([{"params": [w], "weight_decay": 0.0},
                      {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
                     lr=1.0, eta=0.01)
     w.grad = torch.tensor([[0.0, 10.0]])  # ||g|| = 10 -> trust 0.01 * 5 / 10
@@ -162,20 +156,26 @@ def test_lars_trust_ratio_step():
 class IndexViews(Views):
     """Views that return the image index itself, to see which image fed each view."""
 
-    def view(self, idx, g):
+    def view(self, idx, g, which):
         return idx.clone()
+
+
+def streams(seed=1):
+    return Streams(*(torch.Generator().manual_seed(seed + i) for i in range(3)))
+
+
+OFF = AugmentParams(blur_prob=0.0, solarize_prob=0.0)
 
 
 def test_probabilistic_uses_neighbours_at_the_rate_per_sample():
     n, k = 2000, 5
     table = (torch.arange(n).view(-1, 1) + torch.arange(1, k + 1)) % n
-    views = IndexViews(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), table, AugmentParams(),
+    views = IndexViews(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), table, OFF, OFF,
                        lambda x: x)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:512]
     fracs = {}
     for p in (0.0, 0.5, 1.0):
-        b = byol._probabilistic(views, idx, torch.Generator().manual_seed(1),
-                                torch.Generator().manual_seed(2), ByolParams(p_neighbour=p))
+        b = variants._probabilistic(views, idx, streams(), ByolParams(p_neighbour=p))
         assert torch.equal(b.v1, idx)
         from_nb = b.v2 != idx
         fracs[p] = from_nb.float().mean().item()
@@ -190,6 +190,60 @@ def test_probabilistic_uses_neighbours_at_the_rate_per_sample():
     assert 0.43 < fracs[0.5] < 0.57
 
 
+def test_per_view_parameters_act_on_their_own_view_only():
+    images = torch.from_numpy(np.random.default_rng(0).integers(
+        0, 256, (16, 8, 8, 1)).astype(np.uint8))
+    idx = torch.arange(16)
+    keep = AugmentParams(blur_prob=0.0, solarize_prob=0.0, crop_min_scale=1.0, flip_prob=0.0,
+                         jitter_prob=0.0)
+    solar = AugmentParams(**{**keep.__dict__, "solarize_prob": 1.0})
+    blur = AugmentParams(**{**keep.__dict__, "blur_prob": 1.0, "crop_min_scale": 0.5})
+
+    def batch(a1, a2):
+        return variants._baseline(Views(images, None, a1, a2, lambda x: x), idx, streams(),
+                              ByolParams())
+
+    plain = batch(keep, keep)
+    x = images.permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(plain.v1, x, atol=1e-5) and torch.allclose(plain.v2, x, atol=1e-5)
+    b = batch(solar, keep)  # view 1 solarised, view 2 untouched, bit for bit
+    assert torch.allclose(b.v1, torch.where(x >= 0.5, 1 - x, x), atol=1e-5)
+    assert torch.equal(b.v2, plain.v2)
+    b = batch(keep, blur)  # view 2 cropped and blurred, view 1 untouched, bit for bit
+    assert torch.equal(b.v1, plain.v1) and not torch.allclose(b.v2, plain.v2, atol=1e-3)
+
+
+def test_schema_defaults_build_the_dataclass_defaults_with_the_papers_views():
+    from pipeline.config import build, byol_params, validate_config
+
+    cfg = validate_config({})
+    for variant in ("baseline", "probabilistic", "weighted"):
+        assert build(ByolParams, byol_params(cfg, variant)) == ByolParams(checkpoint_every=5)
+    p = ByolParams()
+    assert (p.view1.blur_prob, p.view1.solarize_prob) == (1.0, 0.0)
+    assert (p.view2.blur_prob, p.view2.solarize_prob) == (0.1, 0.2)
+    # A view's key overrides byol.augment for that view only; symmetric views stay possible.
+    cfg = validate_config({"byol": {"augment": {"crop_min_scale": 0.5},
+                                    "view2": {"crop_min_scale": 0.9, "blur_prob": 1.0,
+                                              "solarize_prob": 0.0}}})
+    p = build(ByolParams, byol_params(cfg, "baseline"))
+    assert p.view1.crop_min_scale == 0.5 and p.view2.crop_min_scale == 0.9
+    assert p.view2 == AugmentParams(blur_prob=1.0, solarize_prob=0.0, crop_min_scale=0.9)
+
+
+def test_lars_trust_coefficient_and_exclusions_are_configurable():
+    online = tiny_online()
+    opt = make_optimizer("lars", online, 0.1, 1e-4, eta=0.5, wd_exclude=False,
+                         lars_exclude=False)
+    assert [g["eta"] for g in opt.param_groups] == [0.5, 0.5]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 1e-4]
+    assert [g["lars_exclude"] for g in opt.param_groups] == [False, False]
+    opt = make_optimizer("lars", online, 0.1, 1e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert [g["lars_exclude"] for g in opt.param_groups] == [False, True]
+    assert opt.param_groups[0]["eta"] == ByolParams().lars_eta == 0.02
+
+
 def test_weighted_with_zero_weight_equals_baseline_exactly(tmp_path, data, neighbours):
     a = run(tmp_path, data, "base")
     b = run(tmp_path, data, "w0", "weighted", neighbours, pos_weight=0.0)
@@ -199,6 +253,95 @@ def test_weighted_with_zero_weight_equals_baseline_exactly(tmp_path, data, neigh
     # Probabilistic with p = 0 never takes a neighbour, so it is also the baseline.
     d = run(tmp_path, data, "p0", "probabilistic", neighbours, p_neighbour=0.0)
     assert same_weights(weights(a), weights(d))
+
+
+def test_topk_with_k_1_is_the_baseline_and_larger_k_averages_the_nearest(tmp_path, data,
+                                                                          neighbours):
+    a = run(tmp_path, data, "base")
+    b = run(tmp_path, data, "k1", "topk", neighbours, k=1)
+    c = run(tmp_path, data, "k3", "topk", neighbours, k=3)
+    assert same_weights(weights(a), weights(b))
+    assert not same_weights(weights(a), weights(c))
+    n, k = 50, 4
+    table = (torch.arange(n).view(-1, 1) + torch.arange(1, k + 1)) % n
+    views = IndexViews(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), table, OFF, OFF,
+                       lambda x: x)
+    idx = torch.tensor([0, 7, 49])
+    bt = variants._topk(views, idx, streams(), ByolParams(k=3))
+    assert torch.equal(bt.v1, idx) and torch.equal(bt.v2, idx)
+    # The nearest k - 1 neighbours, in order, for both views; equal weights summing to 1.
+    assert [t.tolist() for t in bt.n1] == [[1, 8, 0], [2, 9, 1]]
+    assert [t.tolist() for t in bt.n2] == [[1, 8, 0], [2, 9, 1]]
+    assert bt.weights == (1 / 3,) * 3 and bt.neighbour_use == pytest.approx(2 / 3)
+    assert bt.pairs[0].tolist() == [0, 0, 7, 7, 49, 49]
+    assert bt.pairs[1].tolist() == [1, 2, 8, 9, 0, 1]
+    with pytest.raises(PipelineError, match=r"^config key 'byol.topk.k': 5 needs 4 neighbours "
+                                            r"per image, but .* holds 3; raise neighbours.k"):
+        run(tmp_path, data, "k5", "topk", neighbours, k=5)
+    from pipeline.config import validate_config  # the same mistake in config.yaml, up front
+
+    with pytest.raises(PipelineError, match=r"^config key 'byol.topk.k': 7 needs 6 neighbours "
+                                            r"per image, but neighbours.k is 5; raise"):
+        validate_config({"byol": {"variants": ["topk"], "topk": {"k": 7}}})
+    validate_config({"byol": {"variants": ["baseline"], "topk": {"k": 7}}})
+
+
+def test_neighbour_purity_per_epoch_matches_a_hand_count(tmp_path, data, neighbours):
+    import csv
+
+    def purity(name, variant, nb, **kw):
+        run(tmp_path, data, name, variant, nb, epochs=2, **kw)
+        with open(tmp_path / name / "history.csv") as fh:
+            return [r["neighbour_purity"] for r in csv.DictReader(fh)]
+
+    # Neighbour j of row i is row (i + j) % 40 and labels alternate, so the nearest is always
+    # of the other class, the second always of the same class.
+    assert purity("k2", "topk", neighbours, k=2) == ["0.0", "0.0"]
+    assert purity("k3", "topk", neighbours, k=3) == ["0.5", "0.5"]
+    assert purity("base", "baseline", None) == ["", ""]
+    assert purity("p0", "probabilistic", neighbours, p_neighbour=0.0) == ["", ""]
+    # Unknown labels (-1) are left out of the count: rows 0-9 unlabelled, one step per epoch
+    # over all 40 rows.
+    prepared = load_prepared(data)
+    labels = prepared.labels.copy()
+    labels[:10] = -1
+    save_prepared(tmp_path / "part.npz", Prepared(prepared.images, labels, prepared.split,
+                                                  prepared.ids, prepared.classes))
+    row = np.arange(40)
+    same = known = 0
+    for j in (1, 2):
+        a, b = labels[row], labels[(row + j) % 40]
+        known += int(((a >= 0) & (b >= 0)).sum())
+        same += int(((a >= 0) & (b >= 0) & (a == b)).sum())
+    assert (same, known) == (28, 57)  # i = 10..38 with i + 1; i = 10..37 with i + 2
+    run(tmp_path, tmp_path / "part.npz", "part", "topk", neighbours, k=3, batch_size=40)
+    with open(tmp_path / "part" / "history.csv") as fh:
+        assert [r["neighbour_purity"] for r in csv.DictReader(fh)] == [
+            str(round(same / known, 4))] * 2
+    summary = torch.load(tmp_path / "part" / "encoder.pt", weights_only=True)["summary"]
+    assert summary["neighbour_purity"] == round(same / known, 4)
+
+
+def test_variant_registry_agrees_with_schema_rule_and_run_names():
+    from pathlib import Path
+
+    from pipeline.config import VARIANTS, load_schema, parse_run_name, run_name
+
+    assert list(variants.VARIANTS) == list(VARIANTS)
+    byol_schema = load_schema()["properties"]["byol"]["properties"]
+    assert set(variants.VARIANTS) >= set(byol_schema["variants"]["default"])
+    # The rule's wildcard takes every variant but the baseline; those read neighbours.
+    assert variants.NEEDS_NEIGHBOURS == set(VARIANTS) - {"baseline"}
+    for name in VARIANTS:
+        assert name.isalpha() and name.islower()  # run names split on "-"
+        for args in ((name,), (name, "vae", "cosine")):
+            assert parse_run_name(run_name("byol", *args))["variant"] == name
+    # A variant's own keys live in its section, and ByolParams carries each of them.
+    fields = set(ByolParams.__dataclass_fields__)
+    for name in VARIANTS:
+        assert set(byol_schema.get(name, {}).get("properties", {})) <= fields
+    smk = (Path(byol.__file__).parent.parent / "workflow/rules/byol.smk").read_text()
+    assert all(f'"{f}"' in smk for f in byol.CODE_FILES)
 
 
 # ------------------------------------------------------------------- training, resume, export
@@ -230,7 +373,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data,
     assert same_weights(weights(straight), weights(resumed))
     assert state.samefile(resumed)  # the finished state is kept, as the encoder's hard link
     hist = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
-    assert hist[0] == "epoch,loss,lr,tau,neighbour_use,spread,images_per_s,seconds"
+    assert hist[0] == ("epoch,loss,lr,tau,neighbour_use,neighbour_purity,spread,images_per_s,"
+                       "seconds")
     assert len(hist) == 4 and (tmp_path / "resumed" / "loss.png").stat().st_size > 0
 
 
@@ -287,16 +431,33 @@ def test_encode_checkpoint_features_and_flat_summary(tmp_path, data, neighbours)
     np.testing.assert_allclose(feats, again, rtol=1e-5, atol=1e-5)
 
 
-def test_untrained_writes_only_the_seeded_initial_encoder(tmp_path, data):
+def test_untrained_writes_only_the_seeded_initial_encoder(tmp_path, data, monkeypatch):
     d = tmp_path / "u"
     for name in ("a", "b"):
-        train_byol(ByolParams(**TINY), "baseline", 3, data, None, d / f"{name}.pt",
-                   d / "state.pt", d / "h.csv", d / "l.png", "cpu", untrained=True)
+        write_untrained("smallconv", 16, 8, 3, data, d / f"{name}.pt")
     assert sorted(p.name for p in d.iterdir()) == ["a.pt", "b.pt"]
     assert same_weights(weights(d / "a.pt"), weights(d / "b.pt"))
     feats, summary = encode_checkpoint(d / "a.pt", load_prepared(data), "cpu")
     assert summary["variant"] == "untrained" and summary["epochs"] == 0
     assert feats.shape == (52, 512)
+    # It is the draw a training run with that seed starts from.
+    monkeypatch.setattr(byol, "byol_step", lambda *a: pytest.fail("untrained must not train"))
+    starts = {}
+    monkeypatch.setattr(byol, "_epoch", lambda loop, *a: (
+        starts.setdefault("w", {k: v.clone() for k, v in loop.online.encoder.state_dict().items()}),
+        (_ for _ in ()).throw(KeyboardInterrupt()))[1])
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data, "start", seed=3)
+    assert same_weights(starts["w"], weights(d / "a.pt"))
+
+
+def test_untrained_command_line_writes_no_training_files(tmp_path, data):
+    from pipeline.__main__ import main
+
+    out = tmp_path / "u" / "encoder.pt"
+    assert main(["byol-untrained", "--seed", "1", "--data", str(data), "--out", str(out),
+                 "--params", '{"backbone": "smallconv", "proj_dim": 8, "proj_hidden": 16}']) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["encoder.pt"]
 
 
 @pytest.mark.parametrize("name, channels, size, dim", [
@@ -333,7 +494,7 @@ def test_bad_inputs_name_the_problem_and_leave_no_output(tmp_path, data, neighbo
                                             r"\(--neighbours\)$"):
         run(tmp_path, data, "bad", "weighted", None)
     with pytest.raises(PipelineError, match=r"^unknown BYOL variant 'nnclr'; choose one of: "
-                                            r"baseline, probabilistic, weighted$"):
+                                            r"baseline, probabilistic, weighted, topk$"):
         run(tmp_path, data, "bad", "nnclr")
     with pytest.raises(PipelineError, match=r"^unknown backbone 'vit'; choose one of: auto, "
                                             r"smallconv, resnet18_cifar, resnet18, resnet50$"):
@@ -363,7 +524,7 @@ def test_collapse_is_flagged_loudly(tmp_path, data, monkeypatch, capsys):
 
 def test_channel_stats_match_numpy_in_chunks():
     x = np.random.default_rng(0).integers(0, 256, (37, 4, 5, 3)).astype(np.uint8)
-    mean, std = byol.channel_stats(x, chunk=8)
+    mean, std = channel_stats(x, chunk=8)
     ref = x.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-10)
     np.testing.assert_allclose(std, ref.std(0), rtol=1e-8)

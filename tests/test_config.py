@@ -33,6 +33,10 @@ def test_every_key_has_type_default_and_description():
         assert sub.get("description"), key
         # Per-model overrides deliberately have no default: absent means "use the shared key".
         overrides = key.endswith((".epochs", ".dim")) and key.count(".") == 2
+        # So do a BYOL view's overrides of the shared byol.augment keys.
+        overrides |= key.startswith(("byol.view1.", "byol.view2.")) and \
+            key.rsplit(".", 1)[1] in load_schema()["properties"]["byol"]["properties"][
+                "augment"]["properties"]
         assert "default" in sub or overrides, key
 
 
@@ -198,8 +202,8 @@ def test_stage_dataclass_defaults_agree_with_the_schema(module, cls, section):
      "config key 'latent.autodecoder.prior_weight': -1.0 is less than the minimum of 0"),
     ("pipeline.byol.ByolParams", {"lr": float("nan")},
      "config key 'byol.lr': nan is not a finite number"),
-    ("pipeline.byol.ByolParams", {"augment.flip_prob": 2.0},
-     "config key 'byol.augment.flip_prob': 2.0 is greater than the maximum of 1"),
+    ("pipeline.byol.ByolParams", {"view2.flip_prob": 2.0},
+     "config key 'byol.view2.flip_prob': 2.0 is greater than the maximum of 1"),
     ("pipeline.byol.ByolParams", {"optimizer": "adam"},
      "config key 'byol.optimizer': 'adam' is not one of"),
 ])

@@ -24,7 +24,8 @@ def test_a_configfile_replaces_config_yaml_and_gets_schema_defaults(workflow):
     text = proc.stdout + proc.stderr
     params = _byol_params(text)
     assert params["batch_size"] == 256 and params["lr"] == 0.002
-    assert params["augment.crop_min_scale"] == 0.3 and params["augment.flip_prob"] == 0.5
+    assert params["view1.crop_min_scale"] == 0.3 and params["view2.flip_prob"] == 0.5
+    assert params["view1.blur_prob"] == 1.0 and params["view2.solarize_prob"] == 0.2
     # Its own folder, named after the config file, and the schema's three seeds.
     assert "results/mine/data.npz" in text and "results/digits" not in text
     assert {f"--seed {s}" for s in range(3)} <= set(re.findall(r"--seed \d", text))

@@ -4,13 +4,23 @@
 # output, so Snakemake never deletes it; after training it holds the finished encoder, so a
 # job whose outputs Snakemake discarded as incomplete (Ctrl-C, kill -9) only rewrites them.
 
+from pipeline.config import VARIANTS as ALL_VARIANTS
+
+# What training computes (pipeline.byol.CODE_FILES, plus the loss plot).
+BYOL_CODE = sources(
+    "byol.py", "byol_model.py", "byol_optim.py", "byol_variants.py", "byol_encoder.py",
+    "backbones.py", "augment.py", "plots.py",
+)
+# Every registered variant but the baseline reads a neighbours file.
+NEIGHBOUR_VARIANTS = "|".join(v for v in ALL_VARIANTS if v != "baseline")
+
 
 rule byol_baseline:
     """Plain BYOL: both views are augmentations of the same image."""
     input:
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
-        code=sources("byol.py", "backbones.py", "augment.py", "plots.py"),
+        code=BYOL_CODE,
     output:
         encoder=f"{R}/byol/{{variant}}/seed{{seed}}/encoder.pt",
         history=f"{R}/byol/{{variant}}/seed{{seed}}/history.csv",
@@ -47,12 +57,12 @@ rule byol_baseline:
 
 
 rule byol_neighbours:
-    """BYOL whose positives include neighbours mined in a latent space (probabilistic, weighted)."""
+    """BYOL whose positives or targets use neighbours mined in a latent space."""
     input:
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
         neighbours=f"{R}/neighbours/{{model}}-{{metric}}/neighbours.parquet",
-        code=sources("byol.py", "backbones.py", "augment.py", "plots.py"),
+        code=BYOL_CODE,
     output:
         encoder=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/encoder.pt",
         history=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/history.csv",
@@ -63,7 +73,7 @@ rule byol_neighbours:
             subcategory="{variant}-{model}-{metric}",
         ),
     wildcard_constraints:
-        variant="probabilistic|weighted",
+        variant=NEIGHBOUR_VARIANTS,
     params:
         cfg=byol_cfg,
         opts=runtime_of("byol"),
@@ -93,13 +103,11 @@ rule byol_untrained:
     """The randomly initialised encoder: the control that shows what training added."""
     input:
         data=f"{R}/data.npz",
-        code=sources("byol.py", "backbones.py"),
+        code=sources("byol_encoder.py", "byol_model.py", "backbones.py"),
     output:
         encoder=f"{R}/byol/untrained/seed{{seed}}/encoder.pt",
     params:
         cfg=untrained_cfg(),
-        device=DEVICE,
-        scratch=f"{R}/byol/untrained/seed{{seed}}",
     log:
         f"{LOGS}/byol/untrained-seed{{seed}}.log",
     conda:
@@ -109,8 +117,5 @@ rule byol_untrained:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m pipeline --threads {threads} byol --untrained --variant baseline"
-        " --seed {wildcards.seed} --params {params.cfg:q} --device cpu"
-        " --data {input.data} --out {output.encoder} --state {params.scratch}/state.pt"
-        " --history {params.scratch}/history.csv --loss-plot {params.scratch}/loss.png"
-        " > {log} 2>&1"
+        "python -m pipeline --threads {threads} byol-untrained --seed {wildcards.seed}"
+        " --params {params.cfg:q} --data {input.data} --out {output.encoder} > {log} 2>&1"

@@ -1,0 +1,122 @@
+"""BYOL encoder checkpoints: the untrained control, loading, and frozen features."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import PipelineError
+from pipeline.augment import normalise, to_float
+from pipeline.backbones import build_backbone, resolve_backbone
+from pipeline.byol_model import init_models
+from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
+
+log = logging.getLogger("pipeline.byol")
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in [0, 1] units of uint8 (N, H, W, C) images, in chunks.
+
+    Chunking keeps a float copy of a large set (STL10's 100k unlabeled images) out of memory.
+    """
+    total, sq, count = 0.0, 0.0, 0
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].astype(np.float64) / 255.0
+        total = total + x.sum(axis=(0, 1, 2))
+        sq = sq + (x * x).sum(axis=(0, 1, 2))
+        count += x[..., 0].size
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
+    return mean, np.maximum(std, 1e-3)
+
+
+def encoder_header(backbone: str, images: np.ndarray, params: dict, seed: int) -> dict:
+    """What every ``encoder.pt`` carries besides the weights: architecture, input size and
+    the training set's normalisation, the params and seed, and provenance."""
+    _, size, _, channels = images.shape
+    mean, std = channel_stats(images)
+    return {"backbone": backbone, "in_channels": int(channels), "image_size": int(size),
+            "mean": torch.tensor(mean, dtype=torch.float32),
+            "std": torch.tensor(std, dtype=torch.float32),
+            "params": params, "seed": int(seed), "provenance": provenance()}
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_untrained(backbone: str, proj_hidden: int, proj_dim: int, seed: int, data: Path,
+                    out: Path) -> None:
+    """Write the seeded random initialisation of the BYOL encoder: the control row.
+
+    The draw is the one a BYOL run with the same seed and architecture starts from.
+
+    Args:
+        backbone: ``byol.backbone`` (``auto`` resolved by the image side).
+        proj_hidden, proj_dim: head sizes (they share the seeded draw with the encoder).
+        seed: the run's seed.
+        data: prepared ``data.npz``; its training images fix channels, size and statistics.
+        out: ``encoder.pt`` to write.
+    """
+    train = load_prepared(data).subset(*TRAINING_SPLITS)
+    if len(train.images) == 0:
+        raise PipelineError(f"{data}: no training images for the untrained encoder")
+    _, size, width, channels = train.images.shape
+    backbone = resolve_backbone(backbone, min(size, width))
+    online, _ = init_models(backbone, proj_hidden, proj_dim, seed, channels, size)
+    params = {"backbone": backbone, "proj_dim": proj_dim, "proj_hidden": proj_hidden}
+    summary = {"epochs": 0, "train_seconds": 0.0, "device": "none", "backbone": backbone,
+               "variant": "untrained", "collapsed": False}
+    save_atomic({**encoder_header(backbone, train.images, params, seed), "variant": "untrained",
+                 "encoder": online.encoder.state_dict(), "summary": summary}, Path(out))
+    log.info("wrote untrained %s encoder to %s", backbone, out)
+
+
+def load_encoder(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Encoder module (eval mode, on ``device``) and the checkpoint dict from ``encoder.pt``."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"encoder checkpoint not found: {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    encoder = build_backbone(ck["backbone"], ck["in_channels"], ck["image_size"])
+    encoder.load_state_dict(ck["encoder"])
+    return encoder.to(device).eval(), ck
+
+
+@torch.no_grad()
+def encode_checkpoint(
+    path: Path, data: Prepared, device: str, batch_size: int = 1024
+) -> tuple[np.ndarray, dict]:
+    """Frozen features of every image in ``data`` order, and the run's flat summary.
+
+    Args:
+        path: ``encoder.pt`` written by ``train_byol`` or :func:`write_untrained`.
+        data: prepared data set; images must match the checkpoint's channels and size.
+        device: where to run the encoder.
+
+    Returns:
+        features (N, D) float32 (encoder output, no projector, no augmentation) and a dict of
+        scalars/strings (epochs, train_seconds, device, final_loss, backbone, variant, ...).
+    """
+    from pipeline.device import resolve_device
+
+    dev = resolve_device(device)
+    encoder, ck = load_encoder(path, str(dev))
+    _, h, _, c = data.images.shape
+    if c != ck["in_channels"] or h != ck["image_size"]:
+        raise PipelineError(f"{path} was trained on {ck['image_size']} px images with "
+                            f"{ck['in_channels']} channels; the data has {h} px, {c} channels")
+    mean, std = ck["mean"].to(dev), ck["std"].to(dev)
+    out = []
+    for start in range(0, len(data.images), batch_size):
+        x = torch.from_numpy(data.images[start:start + batch_size]).to(dev)
+        out.append(encoder(normalise(to_float(x), mean, std)).float().cpu())
+    feats = torch.cat(out).numpy() if out else np.zeros((0, encoder.out_dim), np.float32)
+    summary = {k: v for k, v in ck["summary"].items() if isinstance(v, (int, float, str, bool))}
+    summary.update(backbone=ck["backbone"], variant=ck["variant"])
+    return feats.astype(np.float32), summary

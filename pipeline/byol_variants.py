@@ -1,0 +1,123 @@
+"""The BYOL variants: how a step uses an image's neighbours (a registry of neighbour uses).
+
+A use turns a batch of anchor indices into a :class:`Batch`: the two views the online
+network sees, and optionally neighbour views whose target projections enter each view's
+target with fixed weights. Adding a use is one entry in :data:`VARIANTS` plus its keys in
+the schema (``byol.variants``' enum and a ``byol.<name>`` section); the rule's wildcard and
+the run names follow from the schema's list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.augment import AugmentParams, augment, to_float
+
+
+@dataclass
+class Batch:
+    """What one step trains on.
+
+    Each view's target is ``weights[0] * unit(target(v)) + sum_j weights[j + 1] *
+    unit(target(n[j]))``; with no neighbour views and ``weights == (1.0,)`` it is plain BYOL.
+    """
+
+    v1: torch.Tensor
+    v2: torch.Tensor
+    n1: tuple[torch.Tensor, ...] = ()
+    n2: tuple[torch.Tensor, ...] = ()
+    weights: tuple[float, ...] = (1.0,)
+    # What the history logs: the share of positives drawn from neighbours, and the
+    # (anchor, neighbour) row pairs that actually entered a target or a view.
+    neighbour_use: torch.Tensor | float = 0.0
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class Streams:
+    """An epoch's random streams: one per anchor view and one for every neighbour draw
+    (coins, choices and neighbour views), so that a view's own parameters or a variant's
+    use of neighbours never shift another stream."""
+
+    v1: torch.Generator
+    v2: torch.Generator
+    nb: torch.Generator
+
+
+class Views:
+    """Shared inputs of every variant's view builder: the images, the neighbour table and
+    each view's augmentation (view 1 and view 2 of BYOL may differ)."""
+
+    def __init__(self, images: torch.Tensor, neighbours: torch.Tensor | None,
+                 aug1: AugmentParams, aug2: AugmentParams,
+                 prepare: Callable[[torch.Tensor], torch.Tensor]):
+        self.images, self.neighbours, self.prepare = images, neighbours, prepare
+        self.aug = {1: aug1, 2: aug2}
+
+    def view(self, idx: torch.Tensor, g: torch.Generator, which: int) -> torch.Tensor:
+        """View ``which`` (1 or 2) of images ``idx``: (B,) -> (B, C, H, W), normalised."""
+        return self.prepare(augment(to_float(self.images[idx]), self.aug[which], g))
+
+    def pick_neighbour(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One of each anchor's k neighbours, uniformly and independently per sample."""
+        k = self.neighbours.shape[1]
+        choice = torch.randint(k, (len(idx),), generator=g, device=idx.device)
+        return self.neighbours[idx, choice]
+
+
+def _baseline(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
+    return Batch(v.view(idx, g.v1, 1), v.view(idx, g.v2, 2))
+
+
+def _probabilistic(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
+    """Per sample, with probability p, the second view shows a random neighbour instead."""
+    coin = torch.rand(len(idx), generator=g.nb, device=idx.device) < p.p_neighbour
+    other = torch.where(coin, v.pick_neighbour(idx, g.nb), idx)
+    return Batch(v.view(idx, g.v1, 1), v.view(other, g.v2, 2),
+                 neighbour_use=coin.float().mean(), pairs=(idx[coin], other[coin]))
+
+
+def _weighted(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
+    """Each view's target mixes in a random neighbour's, with weight w."""
+    v1, v2 = v.view(idx, g.v1, 1), v.view(idx, g.v2, 2)
+    nb = v.pick_neighbour(idx, g.nb)
+    w = p.pos_weight
+    return Batch(v1, v2, (v.view(nb, g.nb, 1),), (v.view(nb, g.nb, 2),), (1.0 - w, w),
+                 neighbour_use=w, pairs=(idx, nb) if w > 0 else None)
+
+
+def _topk(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
+    """MSF's top-k mean target (Koohpayegani et al. 2021) with offline neighbours: each
+    view's target is the mean of the normalised target projections of the image's view and
+    of the same view of its k - 1 nearest neighbours. k = 1 is the baseline."""
+    v1, v2 = v.view(idx, g.v1, 1), v.view(idx, g.v2, 2)
+    m = p.k - 1
+    if m == 0:
+        return Batch(v1, v2)
+    nbs = v.neighbours[idx, :m]  # (B, k - 1), nearest first
+    n1 = tuple(v.view(nbs[:, j], g.nb, 1) for j in range(m))
+    n2 = tuple(v.view(nbs[:, j], g.nb, 2) for j in range(m))
+    return Batch(v1, v2, n1, n2, (1.0 / p.k,) * p.k, neighbour_use=m / p.k,
+                 pairs=(idx.repeat_interleave(m), nbs.reshape(-1)))
+
+
+@dataclass(frozen=True)
+class Use:
+    """One registered variant: its batch builder and whether it reads a neighbours file."""
+
+    make_batch: Callable[[Views, torch.Tensor, Streams, Any], Batch]
+    needs_neighbours: bool
+    paper: str
+
+
+VARIANTS: dict[str, Use] = {
+    "baseline": Use(_baseline, False, "Grill et al. 2020 (BYOL)"),
+    "probabilistic": Use(_probabilistic, True, "naive neighbour positives"),
+    "weighted": Use(_weighted, True, "neighbour-mixed targets"),
+    "topk": Use(_topk, True, "Koohpayegani et al. 2021 (MSF)"),
+}
+NEEDS_NEIGHBOURS = {name for name, use in VARIANTS.items() if use.needs_neighbours}
