@@ -12,12 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import PipelineError
 from pipeline.config import check_fields
 from pipeline.device import describe, resolve_device, seed_everything
 from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
+from pipeline.latent_health import (
+    MIN_STEPS,
+    PROBE_IMAGES,
+    CollapseCheck,
+    effective_dim,
+    mean_image,
+    spread,
+)
 from pipeline.latent_models import AutoDecoder, build_model, check_model, to_model_input
 
 ENCODE_BATCH = 1024
@@ -40,6 +47,8 @@ class LatentParams:
     infer_lr: float = 0.01
     # vae
     beta: float = 1.0
+    # runtime only (not a cache key): what a detected collapse does
+    on_collapse: str = "error"
 
 
 def check_params(p: LatentParams, model: str) -> None:
@@ -67,9 +76,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _spread(n: int) -> np.ndarray:
-    """Up to RECON_SHOWN positions spread evenly over n: sets sorted by class show several."""
-    return np.unique(np.linspace(0, n - 1, min(RECON_SHOWN, n)).round().astype(np.int64))
+def _spread(n: int, count: int = RECON_SHOWN) -> np.ndarray:
+    """Up to ``count`` positions spread evenly over n: sets sorted by class show several."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
 
 
 def _recon_figure(model: torch.nn.Module, name: str, data: Prepared, train_rows: np.ndarray,
@@ -93,12 +102,60 @@ def _recon_figure(model: torch.nn.Module, name: str, data: Prepared, train_rows:
                title=f"{name}: {what}", col_labels=[f"id {i}" for i in data.ids[rows]])
 
 
+def _latent_of(net: torch.nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The representation of training images ``x`` at code rows ``index``: (N, dim)."""
+    return net.codes(index) if isinstance(net, AutoDecoder) else net.represent(x)
+
+
+@torch.no_grad()
+def _reference_mse(images: torch.Tensor, positions: torch.Tensor, mean: torch.Tensor) -> float:
+    """MSE of the images at ``positions`` to the training mean image (C, H, W): the error of
+    a model that draws the same image for every input. Computed once per run."""
+    total = 0.0
+    for s in range(0, len(positions), ENCODE_BATCH):
+        x = to_model_input(images[positions[s:s + ENCODE_BATCH]])
+        total += (x - mean).pow(2).sum().item()
+    return total / (len(positions) * mean.numel())
+
+
+@torch.no_grad()
+def _probe(net: torch.nn.Module, images: torch.Tensor, positions: torch.Tensor
+           ) -> tuple[float, torch.Tensor]:
+    """Reconstruction MSE (model in eval mode) and latents (N, dim) of training images."""
+    was_training = net.training
+    net.eval()
+    total, latents = 0.0, []
+    for s in range(0, len(positions), ENCODE_BATCH):
+        index = positions[s:s + ENCODE_BATCH]
+        x = to_model_input(images[index])
+        total += (net.reconstruct(x, index) - x).pow(2).sum().item()
+        latents.append(_latent_of(net, x, index))
+    net.train(was_training)
+    return total / (len(positions) * images[0].numel()), torch.cat(latents)
+
+
+def _on_collapse(verdict: str, policy: str) -> None:
+    """Stop the job with the verdict, or, where the config opted in, print it loudly."""
+    if policy == "error":
+        raise PipelineError(f"{verdict}; set latent.on_collapse: warn to keep such a space")
+    bar = "!" * 78
+    print(f"{bar}\nWARNING: {verdict}; kept because latent.on_collapse is warn: its "
+          f"neighbours will be poor positives\n{bar}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
 def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve: Path,
                  loss_plot: Path, recon_plot: Path, device: str) -> None:
     """Train latent model ``model`` on the train (and unlabeled) images of ``data``.
 
     Writes the checkpoint ``out`` (.pt, weights_only-loadable), the per-epoch ``curve`` (CSV),
-    ``loss_plot`` and ``recon_plot`` (PNG) — all only after training finished with finite loss.
+    ``loss_plot`` and ``recon_plot`` (PNG) — all only after training finished with finite loss
+    and, unless ``params.on_collapse`` is ``warn``, without collapse (see
+    :mod:`pipeline.latent_health`). Logs one line per epoch to stderr.
     """
     check_params(params, model)
     dev = resolve_device(device)
@@ -109,6 +166,11 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
     image_shape = tuple(int(s) for s in prepared.images.shape[1:])
     net = build_model(model, image_shape, params.dim, params.width, len(rows),
                       asdict(params)).to(dev)
+    # the whole training set lives on the device as uint8; batches are indexed from it
+    images = torch.from_numpy(prepared.images[rows]).to(dev)
+    n = len(rows)
+    mean = mean_image(images)
+    net.decoder.start_at_mean(mean.mean((1, 2)))
     code_params = [p for n, p in net.named_parameters() if n.startswith("codes.")]
     net_params = [p for n, p in net.named_parameters() if not n.startswith("codes.")]
     groups = [{"params": net_params, "lr": params.lr}]
@@ -116,16 +178,17 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
         groups.append({"params": code_params, "lr": params.code_lr})
     opt = torch.optim.Adam(groups)
 
-    # the whole training set lives on the device as uint8; batches are indexed from it
-    images = torch.from_numpy(prepared.images[rows]).to(dev)
-    n = len(rows)
+    probe = torch.as_tensor(_spread(n, PROBE_IMAGES), device=dev)
+    check = CollapseCheck(model, _reference_mse(images, probe, mean), params.epochs)
+    collapse = ""
+    if check.mean_image_mse == 0:
+        collapse = (f"latent model {model!r} collapsed at epoch 0: the {n} training images "
+                    "are all identical (mean-image MSE 0), so no latent can tell them apart")
+        _on_collapse(collapse, params.on_collapse)
     steps = math.ceil(n / params.batch_size)
     history: list[dict] = []
     start = time.time()
-    # always on (also when stderr is a Snakemake log file), at most one refresh per second
-    bar = tqdm(range(1, params.epochs + 1), desc=f"train {model}", file=sys.stderr,
-               mininterval=1.0)
-    for epoch in bar:
+    for epoch in range(1, params.epochs + 1):
         t0 = time.time()
         order = torch.randperm(n, generator=gen).to(dev)
         totals = torch.zeros(1 + len(net.components), device=dev)
@@ -144,13 +207,44 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
                 f"latent model {model!r}: loss became {means[0]} at epoch {epoch}; "
                 "lower latent.lr or check the data"
             )
+        seconds = time.time() - t0
+        recon_mse, z = _probe(net, images, probe)
+        z_spread = spread(z)
         history.append({"epoch": epoch, "loss": means[0],
                         **dict(zip(net.components, means[1:], strict=True)),
-                        "seconds": round(time.time() - t0, 3)})
-        bar.set_postfix(loss=f"{means[0]:.4g}")
+                        "recon_mse": recon_mse, "recon_ratio": check.ratio(recon_mse),
+                        "latent_spread": z_spread, "seconds": round(seconds, 3)})
+        elapsed = time.time() - start
+        lrs = "/".join(f"{g['lr']:g}" for g in opt.param_groups)
+        parts_text = ", ".join(f"{c} {v:.5g}" for c, v in zip(net.components, means[1:],
+                                                               strict=True))
+        print(f"{model} epoch {epoch}/{params.epochs}: loss {means[0]:.6g} ({parts_text}), "
+              f"recon MSE {recon_mse:.4g} = {check.ratio(recon_mse):.3f} x mean image, "
+              f"latent spread {z_spread:.3g}, lr {lrs}, {n / max(seconds, 1e-9):.0f} img/s, "
+              f"ETA {_clock(elapsed / epoch * (params.epochs - epoch))}",
+              file=sys.stderr, flush=True)
+        verdict = None if collapse else check.update(epoch, means[0], recon_mse, z_spread,
+                                                     epoch * steps)
+        if verdict:
+            collapse = verdict
+            _on_collapse(verdict, params.on_collapse)
+    if check.epochs * steps < MIN_STEPS and not collapse:
+        print(f"note: {params.epochs * steps} optimiser steps are fewer than {MIN_STEPS}: too "
+              "few to judge the reconstruction against the mean image", file=sys.stderr)
     train_seconds = time.time() - start
 
     net.eval()
+    all_rows = torch.arange(n, device=dev)
+    recon_mse, z = _probe(net, images, all_rows)
+    reference = _reference_mse(images, all_rows, mean)
+    health = {"recon_mse": recon_mse, "mean_image_mse": reference,
+              "recon_ratio": CollapseCheck(model, reference, 0).ratio(recon_mse),
+              "latent_spread": spread(z), "latent_effective_dim": effective_dim(z),
+              "collapsed": bool(collapse), "collapse": collapse}
+    print(f"{model}: training images' reconstruction MSE {recon_mse:.4g}, mean image's "
+          f"{reference:.4g} (ratio {health['recon_ratio']:.3f}), latent spread "
+          f"{health['latent_spread']:.3g}, effective dimension "
+          f"{health['latent_effective_dim']:.2f} of {params.dim}", file=sys.stderr)
     state = {
         "model": model,
         "params": asdict(params),
@@ -160,6 +254,7 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
         "train_ids": torch.from_numpy(prepared.ids[rows].copy()),
         "epoch": params.epochs,
         "history": history,
+        "health": health,
         "train_seconds": round(train_seconds, 2),
         "device": describe(dev),
         "data": str(data),
@@ -222,11 +317,25 @@ def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.devi
     return out
 
 
+def _health_metadata(health: dict | None) -> dict[str, str]:
+    """Training-set reconstruction error against the mean image, latent spread and collapse
+    verdict, as metadata strings; evaluate copies them into the latent's results-table row."""
+    if not health:  # a checkpoint written before these were recorded
+        return {}
+    out = {k: f"{health[k]:.6g}" for k in ("recon_mse", "mean_image_mse", "recon_ratio",
+                                            "latent_spread", "latent_effective_dim")}
+    out["latent_collapsed"] = str(bool(health["collapsed"])).lower()
+    out["latent_collapse"] = health["collapse"]
+    return out
+
+
 def export_latents(checkpoint: Path, data: Path, out: Path, device: str, dataset: str) -> None:
     """Write ``latents.parquet``: one row per prepared image (id, split, label, latent).
 
     Schema metadata (bytes): model, dimension, dataset, params (JSON), code_version, epochs,
-    train_seconds, device, export_seconds, final_loss, n_train, image_shape.
+    train_seconds, device, export_seconds, final_loss, n_train, image_shape, and the training
+    health: recon_mse, mean_image_mse, recon_ratio, latent_spread, latent_effective_dim,
+    latent_collapsed (true/false), latent_collapse (the verdict, empty when none).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -263,6 +372,7 @@ def export_latents(checkpoint: Path, data: Path, out: Path, device: str, dataset
         "final_loss": str(history[-1].get("loss", "")),
         "n_train": str(len(state["train_ids"])),
         "image_shape": "x".join(str(s) for s in shape),
+        **_health_metadata(state.get("health")),
     }
     table = pa.table(
         {

@@ -21,6 +21,7 @@ from pipeline.io import (
     locate,
     read_latents,
 )
+from pipeline.latent_health import SPREAD_MIN
 
 # Query count from which FAISS computes distances as one BLAS matrix product; faiss 1.15
 # defaults to 128000, but its blocked sgemm path is 1.4-2.7x faster here for any chunk.
@@ -30,6 +31,19 @@ GPU_MAX_K = 2048
 # FAISS k-means wants at least this many training points per IVF cell.
 MIN_POINTS_PER_CELL = 39
 GRID_ANCHORS = 8
+# Quality gate (purity table): a latent space is flagged when its purity@1 is more than
+# PURITY_MARGIN below raw pixels' under the same metric. 0.05 is well above the sampling
+# error of a purity over >= 1,000 images (sd <= 0.016) and below the gaps of broken spaces
+# (issue 12: 0.557 against 0.955).
+PURITY_MARGIN = 0.05
+# Label-free signals, judged against pixels' values where there are pixel neighbours:
+# orphans (images in no list) at least ORPHAN_EXCESS above pixels' and at least ORPHAN_MIN;
+# a hub at least HUB_FACTOR times pixels' largest in-degree and at least HUB_MIN_K * k.
+ORPHAN_EXCESS, ORPHAN_MIN = 0.10, 0.15
+HUB_FACTOR, HUB_MIN_K = 2.0, 10
+# Latent export metadata copied into the neighbours metadata and the purity table.
+HEALTH_KEYS = ("recon_ratio", "latent_spread", "latent_collapsed")
+FLAG_COLUMNS = ["pixels_purity_at_1", "purity_gap_at_1", *HEALTH_KEYS, "flagged", "flag_reason"]
 PURITY_COLUMNS = ["space", "metric", "k", "purity_at_1", "purity_at_k", "hub_max_in_degree",
                   "hub_orphan_fraction", "backend", "seconds"]
 
@@ -352,30 +366,43 @@ def _frame(img: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
 ANCHOR, SAME, OTHER, UNKNOWN = (0.2, 0.4, 1.0), (0.1, 0.75, 0.2), (0.9, 0.1, 0.1), (0.6, 0.6, 0.6)
 
 
-def neighbour_grid(train: Prepared, I_pos: np.ndarray, path: Path, title: str) -> None:
-    """PNG of evenly spaced anchors (first column, blue) and their neighbours, nearest first:
-    green border = same label as the anchor, red = different, grey = unknown."""
-    from pipeline.plots import image_grid
+def grid_anchors(labels: np.ndarray, max_rows: int = 20) -> np.ndarray:
+    """Row indices of the grid's anchors: the first training image of each class, in label
+    order (up to ``max_rows`` classes), so every class shows and the choice is the same every
+    run; evenly spaced images when no label is known."""
+    known = np.flatnonzero(labels >= 0)
+    if len(known) == 0:
+        n = len(labels)
+        return np.unique(np.linspace(0, n - 1, min(GRID_ANCHORS, n)).round().astype(int))
+    _, first = np.unique(labels[known], return_index=True)  # classes in label order
+    return known[first][:max_rows]
 
-    n = len(train.ids)
-    anchors = np.unique(np.linspace(0, n - 1, min(GRID_ANCHORS, n)).round().astype(int))
+
+def neighbour_grid(train: Prepared, I_pos: np.ndarray, path: Path, title: str) -> None:
+    """PNG of one anchor per class (first column, blue) and its neighbours, nearest first:
+    green border = same label as the anchor, red = different (its label written under it),
+    grey = unknown."""
+    from pipeline.plots import image_grid
 
     def name(label: int) -> str:
         return train.classes[label] if 0 <= label < len(train.classes) else "?"
 
-    rows, row_labels = [], []
-    for a in anchors:
+    rows, row_labels, cell_labels = [], [], []
+    for a in grid_anchors(train.labels):
         la = int(train.labels[a])
-        row = [_frame(train.images[a], ANCHOR)]
+        row, cells = [_frame(train.images[a], ANCHOR)], [""]
         for j in I_pos[a]:
             lj = int(train.labels[j])
             colour = UNKNOWN if la < 0 or lj < 0 else SAME if lj == la else OTHER
             row.append(_frame(train.images[j], colour))
+            cells.append(name(lj) if colour is OTHER else "")
         rows.append(np.stack(row))
+        cell_labels.append(cells)
         same = int(sum(train.labels[j] == la for j in I_pos[a])) if la >= 0 else 0
         row_labels.append(f"{name(la)} ({same}/{I_pos.shape[1]})")
     cols = ["anchor"] + [str(j + 1) for j in range(I_pos.shape[1])]
-    image_grid(rows, path, row_labels=row_labels, col_labels=cols, title=title)
+    image_grid(rows, path, row_labels=row_labels, col_labels=cols, title=title,
+               cell_labels=cell_labels)
 
 
 def find_neighbours(
@@ -442,6 +469,8 @@ def find_neighbours(
         "code_version": code_version(),
         "seconds": round(seconds, 4),
         "source": str(source),
+        # the latent model's own health, from its export (absent for pixels and old exports)
+        **{key: source_meta[key] for key in HEALTH_KEYS if key in source_meta},
     }
     ids = train.ids.astype(np.int64)
     table = pa.table(
@@ -478,12 +507,62 @@ def purity_table(inputs: list[Path], out: Path) -> None:
         missing = [c for c in PURITY_COLUMNS if c not in meta]
         if missing:
             raise PipelineError(f"{path}: metadata lacks {', '.join(missing)}")
-        rows.append({c: meta[c] for c in PURITY_COLUMNS})
-    df = pd.DataFrame(rows, columns=PURITY_COLUMNS)
+        rows.append({c: meta.get(c) for c in PURITY_COLUMNS + list(HEALTH_KEYS)})
+    df = pd.DataFrame(rows, columns=PURITY_COLUMNS + list(HEALTH_KEYS))
     for c in ("k", "hub_max_in_degree"):
         df[c] = df[c].astype(int)
-    for c in ("purity_at_1", "purity_at_k", "hub_orphan_fraction", "seconds"):
-        df[c] = df[c].astype(float)
-    df = df.sort_values(["space", "metric", "k"]).reset_index(drop=True)
+    for c in ("purity_at_1", "purity_at_k", "hub_orphan_fraction", "seconds", "recon_ratio",
+              "latent_spread"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df = quality_gate(df.sort_values(["space", "metric", "k"]).reset_index(drop=True))
+    for row in df[df["flagged"]].itertuples(index=False):
+        print(f"WARNING: latent space {row.space!r} ({row.metric}) is flagged: "
+              f"{row.flag_reason}; BYOL runs mining it are flagged in the results table",
+              file=sys.stderr)
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def quality_gate(df):
+    """Add the quality-gate columns to a purity table (one row per space and metric).
+
+    Each latent space is compared with raw pixels under the same metric and k, where that row
+    exists: ``pixels_purity_at_1``, ``purity_gap_at_1`` (space minus pixels), then
+    ``flagged`` and ``flag_reason`` (``"; "``-joined): purity@1 more than PURITY_MARGIN below
+    pixels'; label-free, so also for unlabelled data: many orphans or a strong hub compared
+    with pixels (absolute bounds when there is no pixel row), latents with no variance, a
+    model that collapsed in training (kept with ``latent.on_collapse: warn``).
+    """
+    import pandas as pd
+
+    pixels = df[df["space"] == "pixels"].set_index(["metric", "k"])
+    ref = [pixels.loc[key] if key in pixels.index else None
+           for key in zip(df["metric"], df["k"], strict=True)]
+    flagged, reasons = [], []
+    for row, px in zip(df.itertuples(index=False), ref, strict=True):
+        why = []
+        if row.space != "pixels":
+            gap = px["purity_at_1"] - row.purity_at_1 if px is not None else float("nan")
+            if gap > PURITY_MARGIN:
+                why.append(f"purity@1 {row.purity_at_1:.3f} is {gap:.3f} below raw pixels' "
+                           f"{px['purity_at_1']:.3f} (margin {PURITY_MARGIN})")
+            orphan_ref = px["hub_orphan_fraction"] if px is not None else ORPHAN_MIN
+            if row.hub_orphan_fraction >= max(ORPHAN_MIN, orphan_ref + ORPHAN_EXCESS):
+                why.append(f"{row.hub_orphan_fraction:.0%} of images are in no neighbour list"
+                           + (f" (pixels: {orphan_ref:.0%})" if px is not None else ""))
+            hub_ref = px["hub_max_in_degree"] if px is not None else HUB_MIN_K * row.k
+            if row.hub_max_in_degree >= max(HUB_MIN_K * row.k, HUB_FACTOR * hub_ref):
+                why.append(f"one image is in {row.hub_max_in_degree} neighbour lists"
+                           + (f" (pixels: at most {hub_ref})" if px is not None else ""))
+            if pd.notna(row.latent_spread) and row.latent_spread < SPREAD_MIN:
+                why.append(f"latents have no variance across images ({row.latent_spread:.2g})")
+            if str(row.latent_collapsed).lower() == "true":
+                why.append("the latent model collapsed in training (on_collapse: warn)")
+        flagged.append(bool(why))
+        reasons.append("; ".join(why))
+    out = df.copy()
+    out["pixels_purity_at_1"] = [px["purity_at_1"] if px is not None else float("nan")
+                                 for px in ref]
+    out["purity_gap_at_1"] = out["purity_at_1"] - out["pixels_purity_at_1"]
+    out["flagged"], out["flag_reason"] = flagged, reasons
+    return out[PURITY_COLUMNS + FLAG_COLUMNS]

@@ -13,8 +13,9 @@ import torch
 from pipeline import PipelineError
 from pipeline.config import build, latent_params, validate_config
 from pipeline.evaluate import latent_features
-from pipeline.io import load_prepared, save_prepared
+from pipeline.io import Prepared, load_prepared, save_prepared
 from pipeline.latent import LatentParams, encode, export_latents, load_checkpoint, train_latent
+from pipeline.latent_health import RATIO_MAX, CollapseCheck
 from pipeline.latent_models import (
     LATENT_MODELS,
     VAE,
@@ -123,7 +124,8 @@ def test_loss_falls(trained, model):
     rows = read_curve(d / "loss.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, 31))
     extra = {"autodecoder": "prior", "ae": None, "vae": "kl"}[model]
-    assert set(rows[0]) == {"epoch", "loss", "recon", "seconds"} | ({extra} if extra else set())
+    assert set(rows[0]) == ({"epoch", "loss", "recon", "recon_mse", "recon_ratio", "latent_spread",
+                             "seconds"} | ({extra} if extra else set()))
     first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
     assert last < 0.9 * first, (first, last)
     assert float(rows[-1]["recon"]) < 0.8 * float(rows[0]["recon"])
@@ -263,3 +265,117 @@ def test_cli_reports_unknown_model_in_one_line(tmp_path, data_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: unknown latent model 'pca'; known: autodecoder, ae, vae\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- collapse: fix and detection
+
+
+def dark_shapes(n: int = 256, side: int = 28, seed: int = 0) -> Prepared:
+    """Bright discs and bars on black, 28x28 grey: the kind of set the old stack collapsed on
+    (mostly-black images: the untrained sigmoid at 0.5 was pushed to black and saturated)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    images, labels = [], []
+    for i in range(n):
+        cx, cy = rng.uniform(0.3, 0.7, 2) * side
+        r = rng.uniform(0.15, 0.3) * side
+        if i % 2:
+            mask = (abs(xx - cx) < r) & (abs(yy - cy) < r / 2)
+        else:
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        images.append((mask * rng.uniform(150, 255)).astype(np.uint8)[..., None])
+        labels.append(i % 2)
+    return Prepared(np.stack(images), np.asarray(labels), np.asarray(["train"] * n),
+                    np.arange(n), ["disc", "bar"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_trains_below_the_mean_image_on_28px_grey_shapes(tmp_path, model):
+    save_prepared(tmp_path / "dark.npz", dark_shapes())
+    d = train(tmp_path, model, tmp_path / "dark.npz", LatentParams(dim=4, width=8, epochs=5,
+                                                                      batch_size=32))
+    health = torch.load(d / "model.pt", weights_only=True)["health"]
+    # the stack before the fix: AE and auto-decoder 1.61 (one black image), VAE 1.11
+    assert health["recon_ratio"] < 0.8, health
+    assert not health["collapsed"] and health["collapse"] == ""
+    assert health["mean_image_mse"] == pytest.approx(0.0563, abs=1e-3)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_healthy_run_is_not_flagged(trained, model, data_path, tmp_path):
+    health = torch.load(trained[model] / "model.pt", weights_only=True)["health"]
+    assert not health["collapsed"] and health["recon_ratio"] < RATIO_MAX, health
+    assert health["latent_spread"] > 0.01
+    export_latents(trained[model] / "model.pt", data_path, tmp_path / "l.parquet", "cpu", "t")
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(tmp_path / "l.parquet")
+            .metadata.items()}
+    assert meta["latent_collapsed"] == "false" and meta["latent_collapse"] == ""
+    assert float(meta["recon_ratio"]) == pytest.approx(
+        float(meta["recon_mse"]) / float(meta["mean_image_mse"]), rel=1e-4)
+    # the latent's results-table row carries them (evaluate copies the export metadata)
+    from pipeline.evaluate import EvaluateParams, evaluate
+
+    row = evaluate(EvaluateParams(max_iter=100, knn_k=[5]), f"latent-{model}",
+                   tmp_path / "l.parquet", data_path, tmp_path / "e.json", "t")
+    assert {"recon_mse", "mean_image_mse", "recon_ratio", "latent_collapsed"} <= set(row)
+
+
+def test_constant_data_set_is_caught(tmp_path, data_path):
+    data = load_prepared(data_path)
+    data.images[:] = 77
+    save_prepared(tmp_path / "flat.npz", data)
+    n = int((data.split == "train").sum())
+    for model in MODELS:
+        with pytest.raises(PipelineError, match=(
+                rf"^latent model '{model}' collapsed at epoch 0: the {n} training images are "
+                r"all identical \(mean-image MSE 0\), so no latent can tell them apart; set "
+                r"latent.on_collapse: warn to keep such a space$")):
+            train(tmp_path, model, tmp_path / "flat.npz", name=model)
+        assert not (tmp_path / model).exists() or not any((tmp_path / model).iterdir())
+
+
+def test_far_too_high_learning_rate_is_caught(tmp_path, data_path):
+    with pytest.raises(PipelineError, match=(
+            r"^latent model 'ae' collapsed at epoch \d+: .*reconstruction MSE [\d.e-]+ vs the "
+            r"mean image's [\d.e-]+ \(ratio [\d.]+\).*; set latent.on_collapse: warn")):
+        train(tmp_path, "ae", data_path, fast(lr=10.0, epochs=6))
+
+
+def test_warn_keeps_a_collapsed_space_and_marks_it(tmp_path, data_path, capsys):
+    d = train(tmp_path, "ae", data_path, fast(lr=10.0, epochs=6, on_collapse="warn"))
+    err = capsys.readouterr().err
+    assert "WARNING: latent model 'ae' collapsed at epoch" in err
+    assert len(err.splitlines()) >= 6  # one line per epoch, newline-terminated
+    assert all(f"ae epoch {e}/6: loss " in err for e in range(1, 7))
+    export_latents(d / "model.pt", data_path, tmp_path / "l.parquet", "cpu", "t")
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(tmp_path / "l.parquet")
+            .metadata.items()}
+    assert meta["latent_collapsed"] == "true"
+    assert meta["latent_collapse"].startswith("latent model 'ae' collapsed at epoch")
+
+
+@pytest.mark.parametrize("losses, ratios, spreads, epochs, steps, evidence", [
+    # issue 12: loss flat to 1e-5 from epoch 2, at the mean image
+    ([0.1166, 0.11217, 0.112172, 0.112173], [1.0] * 4, [0.3] * 4, 20, 79,
+     "the loss stopped moving (0.11217 -> 0.112173 over epochs 2-4)"),
+    ([0.5, 0.4, 0.3], [0.9, 0.5, 0.3], [0.3, 0.3, 1e-9], 3, 100, "(near) zero variance"),
+    ([0.5, 0.4, 0.3], [0.9, 1.5, 3.0], [0.3] * 3, 9, 100, "training diverged"),
+    ([0.5, 0.4, 0.3], [1.0, 0.99, 0.97], [0.3] * 3, 3, 100, "no better than the mean image"),
+])
+def test_collapse_check_verdicts(losses, ratios, spreads, epochs, steps, evidence):
+    check = CollapseCheck("ae", 0.1, epochs)
+    verdicts = [check.update(e + 1, loss, 0.1 * r, s, (e + 1) * steps)
+                for e, (loss, r, s) in enumerate(zip(losses, ratios, spreads, strict=True))]
+    assert all(v is None for v in verdicts[:-1]), verdicts
+    assert verdicts[-1].startswith(f"latent model 'ae' collapsed at epoch {len(losses)}: ")
+    assert evidence in verdicts[-1]
+
+
+def test_collapse_check_passes_healthy_and_short_runs():
+    healthy = CollapseCheck("vae", 0.05, 30)
+    losses = [0.05 * 0.8 ** e for e in range(30)]
+    assert all(healthy.update(e + 1, v, v, 0.5, (e + 1) * 10) is None
+               for e, v in enumerate(losses))
+    short = CollapseCheck("ae", 0.05, 2)  # 4 steps: too short to judge against the mean image
+    assert short.update(1, 0.06, 0.05, 0.5, 2) is None
+    assert short.update(2, 0.055, 0.05, 0.5, 4) is None

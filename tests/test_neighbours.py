@@ -19,6 +19,7 @@ from pipeline.neighbours import (
     knn,
     purity,
     purity_table,
+    quality_gate,
 )
 
 HAS_GPU = torch.cuda.is_available() and faiss.get_num_gpus() > 0
@@ -243,7 +244,10 @@ def test_cli_and_purity_table(tmp_path, prepared):
     purity_table(outs, csv)
     df = pd.read_csv(csv)
     assert list(df.columns) == ["space", "metric", "k", "purity_at_1", "purity_at_k",
-                                "hub_max_in_degree", "hub_orphan_fraction", "backend", "seconds"]
+                                "hub_max_in_degree", "hub_orphan_fraction", "backend", "seconds",
+                                "pixels_purity_at_1", "purity_gap_at_1", "recon_ratio",
+                                "latent_spread", "latent_collapsed", "flagged", "flag_reason"]
+    assert not df["flagged"].any()  # different metrics: no pixel reference for the latent
     assert list(df["space"]) == ["ae", "pixels"]  # sorted
     assert list(df["metric"]) == ["cosine", "euclidean"]
     assert (df["k"] == 2).all()
@@ -317,3 +321,86 @@ def test_knn_high_dimension_refines_in_blocks():
     D, I = knn(x, 3, "euclidean", chunk_size=128)  # noqa: E741
     assert_matches_reference(D, I, x, "euclidean", 3, atol=1e-3)
     assert I[7, 0] == 150 and D[7, 0] == 0.0
+
+
+def test_gate_flags_a_noise_latent_space_against_clean_pixels(tmp_path, capsys):
+    """Pixels separate the classes (purity@1 1); a latent space of pure noise (purity about
+    1/3) is flagged with the gap, a latent space that keeps the classes is not."""
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = np.arange(n) % 3
+    images = (rng.random((n, 6, 6, 1)) * 40 + labels[:, None, None, None] * 100).astype(np.uint8)
+    data = Prepared(images, labels.astype(np.int64), np.array(["train"] * n),
+                    np.arange(n, dtype=np.int64), CLASSES)
+    npz = tmp_path / "data.npz"
+    save_prepared(npz, data)
+    good = np.eye(3, dtype=np.float32)[labels] * 5 + rng.normal(size=(n, 3)).astype(np.float32)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    outs = []
+    for name, x in (("good", good), ("noise", noise), ("pixels", None)):
+        source = npz
+        if x is not None:
+            source = tmp_path / f"{name}.parquet"
+            pq.write_table(pa.table({
+                "id": pa.array(data.ids), "split": pa.array(data.split),
+                "label": pa.array(data.labels),
+                "latent": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]),
+            }).replace_schema_metadata({b"model": name.encode(), b"latent_spread": b"0.9",
+                                        b"latent_collapsed": b"false"}), source)
+        outs.append(tmp_path / name / "neighbours.parquet")
+        find_neighbours(NeighboursParams(k=5), source, npz, "euclidean", outs[-1],
+                        outs[-1].with_name("grid.png"), "cpu")
+    purity_table(outs, tmp_path / "purity.csv")
+    df = pd.read_csv(tmp_path / "purity.csv", keep_default_na=False).set_index("space")
+    assert df.loc["pixels", "purity_at_1"] == 1.0 and not df.loc["pixels", "flagged"]
+    assert not df.loc["good", "flagged"] and df.loc["good", "flag_reason"] == ""
+    noisy = df.loc["noise"]
+    assert noisy["flagged"] and noisy["pixels_purity_at_1"] == 1.0
+    assert noisy["purity_gap_at_1"] == pytest.approx(noisy["purity_at_1"] - 1.0)
+    assert noisy["flag_reason"].startswith(
+        f"purity@1 {noisy['purity_at_1']:.3f} is {1 - noisy['purity_at_1']:.3f} below raw "
+        "pixels' 1.000 (margin 0.05)")
+    err = capsys.readouterr().err
+    assert "WARNING: latent space 'noise' (euclidean) is flagged: purity@1" in err
+    assert "'good'" not in err
+
+
+def test_gate_label_free_signals():
+    """Without labels (purity NaN) hubs, orphans and a collapsed latent still flag a space."""
+    rows = [
+        ("pixels", 0.95, 16, 0.05, float("nan"), ""),
+        ("ae", 0.557, 181, 0.25, 0.3, "false"),
+        ("vae", float("nan"), 12, 0.06, 1e-9, "false"),
+        ("autodecoder", 0.94, 14, 0.05, 0.5, "true"),
+    ]
+    df = pd.DataFrame([{"space": s, "metric": "cosine", "k": 5, "purity_at_1": p,
+                        "purity_at_k": p, "hub_max_in_degree": h, "hub_orphan_fraction": o,
+                        "backend": "faiss-cpu-flat", "seconds": 0.1, "recon_ratio": 0.5,
+                        "latent_spread": sp, "latent_collapsed": c}
+                       for s, p, h, o, sp, c in rows])
+    out = quality_gate(df).set_index("space")
+    assert out.loc["ae", "flag_reason"] == (
+        "purity@1 0.557 is 0.393 below raw pixels' 0.950 (margin 0.05); 25% of images are in "
+        "no neighbour list (pixels: 5%); one image is in 181 neighbour lists (pixels: at most 16)")
+    assert out.loc["vae", "flag_reason"] == "latents have no variance across images (1e-09)"
+    assert out.loc["autodecoder", "flag_reason"] == (
+        "the latent model collapsed in training (on_collapse: warn)")
+    assert not out.loc["pixels", "flagged"]
+
+
+def test_results_rows_built_on_a_flagged_space_are_marked():
+    from pipeline.aggregate import add_neighbour_flags
+
+    purity = pd.DataFrame({"space": ["ae", "ae", "pixels", "vae"],
+                           "metric": ["cosine", "euclidean", "cosine", "cosine"],
+                           "flagged": [True, False, False, False],
+                           "flag_reason": ["purity@1 low", "", "", ""]})
+    df = pd.DataFrame({"run": ["pixels", "latent-ae", "latent-vae", "byol-baseline",
+                               "byol-weighted-ae-cosine", "byol-weighted-ae-euclidean"],
+                       "stage": ["pixels", "latent", "latent", "byol", "byol", "byol"],
+                       "latent": [None, "ae", "vae", None, "ae", "ae"],
+                       "metric": [None, None, None, None, "cosine", "euclidean"]})
+    out = add_neighbour_flags(df, purity)
+    assert out["neighbour_flag"].tolist() == [pd.NA, True, False, pd.NA, True, False]
+    assert out["neighbour_flag_reason"].tolist() == ["", "cosine: purity@1 low", "", "",
+                                                     "purity@1 low", ""]

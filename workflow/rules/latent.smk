@@ -2,7 +2,8 @@ rule train_latent:
     """Learn a latent space (auto-decoder, auto-encoder or VAE) on the training images."""
     input:
         data=f"{R}/data.npz",
-        code=sources("latent.py", "latent_models.py", "plots.py"),
+        checked=ancient(CHECKED),
+        code=sources("latent.py", "latent_models.py", "latent_health.py", "plots.py"),
     output:
         model=f"{R}/latent/{{model}}/model.pt",
         curve=f"{R}/latent/{{model}}/loss.csv",
@@ -20,6 +21,7 @@ rule train_latent:
         ),
     params:
         cfg=latent_cfg,
+        opts=runtime_of("latent"),
         device=DEVICE,
     log:
         f"{LOGS}/train_latent/{{model}}.log",
@@ -34,7 +36,8 @@ rule train_latent:
         gpu=GPU,
     shell:
         "python -m pipeline --threads {threads} train-latent --model {wildcards.model}"
-        " --params {params.cfg:q} --device {params.device} --data {input.data}"
+        " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"
+        " --data {input.data}"
         " --out {output.model} --curve {output.curve} --loss-plot {output.loss_plot}"
         " --recon-plot {output.recon_plot} > {log} 2>&1"
 
@@ -44,7 +47,7 @@ rule export_latents:
     input:
         model=f"{R}/latent/{{model}}/model.pt",
         data=f"{R}/data.npz",
-        code=sources("latent.py", "latent_models.py"),
+        code=sources("latent.py", "latent_models.py", "latent_health.py"),
     output:
         f"{R}/latent/{{model}}/latents.parquet",
     params:

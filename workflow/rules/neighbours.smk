@@ -3,7 +3,8 @@ rule neighbours:
     input:
         source=neighbours_source,
         data=f"{R}/data.npz",
-        code=sources("neighbours.py", "plots.py"),
+        checked=ancient(CHECKED),
+        code=sources("neighbours.py", "latent_health.py", "plots.py"),
     output:
         table=f"{R}/neighbours/{{space}}-{{metric}}/neighbours.parquet",
         grid=report(
@@ -14,6 +15,7 @@ rule neighbours:
         ),
     params:
         cfg=params_of("neighbours"),
+        opts=runtime_of("neighbours"),
         device=DEVICE,
     log:
         f"{LOGS}/neighbours/{{space}}-{{metric}}.log",
@@ -28,7 +30,8 @@ rule neighbours:
         gpu=GPU,
     shell:
         "python -m pipeline --threads {threads} neighbours --metric {wildcards.metric}"
-        " --params {params.cfg:q} --device {params.device} --source {input.source}"
+        " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"
+        " --source {input.source}"
         " --data {input.data} --out {output.table} --grid {output.grid} > {log} 2>&1"
 
 
@@ -36,7 +39,7 @@ rule purity:
     """Neighbour label purity and hubness of every space and metric, side by side."""
     input:
         tables=purity_inputs,
-        code=sources("neighbours.py"),
+        code=sources("neighbours.py", "latent_health.py"),
     output:
         report(
             f"{R}/neighbours/purity.csv",
