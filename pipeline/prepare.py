@@ -78,14 +78,20 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np
     return test
 
 
+DOWNLOADABLE = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "stl10")
+
+
 def _require_root(p: PrepareParams) -> Path:
     if not p.root:
         raise PipelineError(f"dataset.root is required for dataset.name={p.name!r}")
     root = Path(p.root)
-    if not root.exists() and not p.download:
+    # Only torchvision's sets can be downloaded; a missing image folder or npz stays missing.
+    downloadable = p.name in DOWNLOADABLE
+    if not root.exists() and not (p.download and downloadable):
+        hint = " or set dataset.download: true" if downloadable else ""
         raise PipelineError(
             f"dataset.root {str(root)!r} does not exist (dataset.name={p.name!r}); "
-            "point it at the files or set dataset.download: true"
+            f"point it at the files{hint}"
         )
     return root
 

@@ -12,7 +12,7 @@ from pipeline import PipelineError
 from pipeline.__main__ import main
 from pipeline.config import build
 from pipeline.io import load_prepared
-from pipeline.prepare import PrepareParams, SyntheticParams, prepare
+from pipeline.prepare import PrepareParams, SyntheticParams, check_source, prepare
 
 
 def params(**kw) -> PrepareParams:
@@ -346,3 +346,16 @@ def test_prepare_logs_one_summary_line(tmp_path, capsys):
             tmp_path / "s.npz")
     assert capsys.readouterr().err.splitlines() == [
         "prepared 30 images (train 24, test 6), 3 classes, 16x16x1 uint8"]
+
+
+@pytest.mark.parametrize("name, hint", [("imagefolder", False), ("npz", False), ("cifar10", True)])
+def test_missing_root_hints_download_only_for_torchvision_sets(tmp_path, name, hint):
+    params = PrepareParams(name=name, root=str(tmp_path / "none"), download=True)
+    if hint:
+        check_source(params)  # torchvision may fetch it into root
+        params = PrepareParams(name=name, root=str(tmp_path / "none"))
+    with pytest.raises(PipelineError) as err:
+        check_source(params)
+    message = str(err.value)
+    assert message.startswith(f"dataset.root '{tmp_path / 'none'}' does not exist")
+    assert ("dataset.download" in message) == hint
