@@ -73,6 +73,12 @@ def _byol_untrained(a):
     write_untrained(p.backbone, p.proj_hidden, p.proj_dim, a.seed, a.data, a.out)
 
 
+def _embed(a):
+    from pipeline.embed import embed
+
+    embed(a.encoder, a.data, a.out, a.run, a.dataset, a.device)
+
+
 def _evaluate(a):
     from pipeline.evaluate import EvaluateParams, evaluate
 
@@ -154,6 +160,12 @@ def parser() -> argparse.ArgumentParser:
     s = stage("byol-untrained", _byol_untrained, params=True)
     s.add_argument("--seed", type=int, required=True)
     for name in ("data", "out"):
+        s.add_argument(f"--{name}", type=Path, required=True)
+
+    s = stage("embed", _embed, device=True)
+    s.add_argument("--run", required=True)
+    s.add_argument("--dataset", required=True)
+    for name in ("encoder", "data", "out"):
         s.add_argument(f"--{name}", type=Path, required=True)
 
     s = stage("evaluate", _evaluate, params=True, device=True)

@@ -89,14 +89,14 @@ def load_encoder(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict
 
 
 @torch.no_grad()
-def encode_checkpoint(
-    path: Path, data: Prepared, device: str, batch_size: int = 1024
+def encode_images(
+    path: Path, images: np.ndarray, device: str, batch_size: int = 1024
 ) -> tuple[np.ndarray, dict]:
-    """Frozen features of every image in ``data`` order, and the run's flat summary.
+    """Frozen features of uint8 images (N, H, W, C), and the run's flat summary.
 
     Args:
         path: ``encoder.pt`` written by ``train_byol`` or :func:`write_untrained`.
-        data: prepared data set; images must match the checkpoint's channels and size.
+        images: uint8 (N, H, W, C); must match the checkpoint's channels and size.
         device: where to run the encoder.
 
     Returns:
@@ -107,16 +107,23 @@ def encode_checkpoint(
 
     dev = resolve_device(device)
     encoder, ck = load_encoder(path, str(dev))
-    _, h, _, c = data.images.shape
+    _, h, _, c = images.shape
     if c != ck["in_channels"] or h != ck["image_size"]:
         raise PipelineError(f"{path} was trained on {ck['image_size']} px images with "
                             f"{ck['in_channels']} channels; the data has {h} px, {c} channels")
     mean, std = ck["mean"].to(dev), ck["std"].to(dev)
     out = []
-    for start in range(0, len(data.images), batch_size):
-        x = torch.from_numpy(data.images[start:start + batch_size]).to(dev)
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev)
         out.append(encoder(normalise(to_float(x), mean, std)).float().cpu())
     feats = torch.cat(out).numpy() if out else np.zeros((0, encoder.out_dim), np.float32)
     summary = {k: v for k, v in ck["summary"].items() if isinstance(v, (int, float, str, bool))}
     summary.update(backbone=ck["backbone"], variant=ck["variant"])
     return feats.astype(np.float32), summary
+
+
+def encode_checkpoint(
+    path: Path, data: Prepared, device: str, batch_size: int = 1024
+) -> tuple[np.ndarray, dict]:
+    """:func:`encode_images` of every image of a prepared data set, in ``data`` order."""
+    return encode_images(path, data.images, device, batch_size)

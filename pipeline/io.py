@@ -126,6 +126,32 @@ def load_prepared(path: str | os.PathLike) -> Prepared:
         )
 
 
+def write_latents(path: str | Path, data: Prepared, vectors: np.ndarray,
+                  meta: dict[str, str]) -> None:
+    """Write one row per image of ``data`` (id, split, label, latent) with string metadata;
+    the schema every vector table of the pipeline shares (latent spaces, BYOL features).
+
+    Args:
+        data: the prepared images, in the order of ``vectors``.
+        vectors: (N, d) float32.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not np.isfinite(vectors).all():
+        raise PipelineError(f"{path}: vectors contain NaN or infinite values")
+    dim = vectors.shape[1]
+    table = pa.table({
+        "id": pa.array(data.ids.astype(np.int64), pa.int64()),
+        "split": pa.array(data.split.astype(str).tolist(), pa.string()),
+        "label": pa.array(data.labels.astype(np.int64), pa.int64()),
+        "latent": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.astype(np.float32).reshape(-1), pa.float32()), dim),
+    }).replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
 def read_latents(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """ids (N,), latent vectors (N, d) float32 and metadata of a ``latents.parquet``."""
     import pyarrow as pa

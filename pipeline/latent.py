@@ -337,10 +337,7 @@ def export_latents(checkpoint: Path, data: Path, out: Path, device: str, dataset
     health: recon_mse, mean_image_mse, recon_ratio, latent_spread, latent_effective_dim,
     latent_collapsed (true/false), latent_collapse (the verdict, empty when none).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.io import code_version
+    from pipeline.io import code_version, write_latents
 
     start = time.time()
     dev = resolve_device(device)
@@ -374,17 +371,7 @@ def export_latents(checkpoint: Path, data: Path, out: Path, device: str, dataset
         "image_shape": "x".join(str(s) for s in shape),
         **_health_metadata(state.get("health")),
     }
-    table = pa.table(
-        {
-            "id": pa.array(prepared.ids.astype(np.int64), pa.int64()),
-            "split": pa.array(prepared.split.astype(str).tolist(), pa.string()),
-            "label": pa.array(prepared.labels.astype(np.int64), pa.int64()),
-            "latent": pa.FixedSizeListArray.from_arrays(pa.array(latents.reshape(-1),
-                                                                 pa.float32()), dim),
-        }
-    ).replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    write_latents(out, prepared, latents, meta)
     print(
         f"exported {len(prepared.ids)} latents of dim {dim} ({state['model']}) to {out}",
         file=sys.stderr,

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 from conftest import tiny_config
 
+from pipeline.io import read_latents
+
 pytestmark = pytest.mark.slow
 
 # Two latent models, one metric, every variant: each rule runs, the grid stays small.
@@ -45,6 +47,11 @@ def test_tiny_dag_runs_and_caches(workflow):
     assert (ds / "accuracy.png").exists() and (ds / "summary.csv").exists()
     # Nothing to do after a complete run.
     assert workflow.planned() == {}
+    # The opt-in embed target: a finished run's features in the latents schema.
+    features = ds / "byol" / "weighted-ae-cosine" / "seed0" / "features.parquet"
+    workflow.run(str(features.relative_to(workflow.path)))
+    ids, feats, meta = read_latents(features)
+    assert meta["model"] == "byol-weighted-ae-cosine" and len(ids) == len(feats) > 0
     # latent.on_collapse only says what a collapse does: it re-runs nothing.
     workflow.write_config(tiny_config(latent={**GRID["latent"], "on_collapse": "warn"},
                                       neighbours=GRID["neighbours"]))

@@ -119,3 +119,32 @@ rule byol_untrained:
     shell:
         "python -m pipeline --threads {threads} byol-untrained --seed {wildcards.seed}"
         " --params {params.cfg:q} --data {input.data} --out {output.encoder} > {log} 2>&1"
+
+
+rule embed:
+    """A BYOL encoder's features of every image, in the latents.parquet schema (opt-in target:
+    results/<tag>/byol/<name>/seed<N>/features.parquet)."""
+    input:
+        encoder=f"{R}/byol/{{name}}/seed{{seed}}/encoder.pt",
+        data=f"{R}/data.npz",
+        code=sources("embed.py", "byol_encoder.py", "byol_model.py", "backbones.py"),
+    output:
+        f"{R}/byol/{{name}}/seed{{seed}}/features.parquet",
+    wildcard_constraints:
+        name=r"[a-z0-9-]+",
+    params:
+        dataset=DS,
+        device=DEVICE,
+    log:
+        f"{LOGS}/embed/{{name}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: HEAVY
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "python -m pipeline --threads {threads} embed --run byol-{wildcards.name}"
+        " --dataset {params.dataset} --device {params.device} --encoder {input.encoder}"
+        " --data {input.data} --out {output} > {log} 2>&1"
