@@ -226,3 +226,71 @@ def test_stage_params_get_the_config_message_from_any_entry_point(cls, flat, mes
     with pytest.raises(PipelineError) as via_config:
         validate_config(nested)
     assert str(via_config.value) == str(err.value)
+
+
+def _readme_key_tables():
+    """(section, key, default text) of every `| key | default | meaning |` table in the README;
+    the section comes from the nearest heading or bold line naming `section:`."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows, section, in_table = [], "", False
+    for line in readme.splitlines():
+        named = re.search(r"`(\w+):`", line)
+        if named and not line.startswith("|"):
+            section = named.group(1)
+        if line.startswith("| key | default |"):
+            in_table = True
+            continue
+        if in_table and not line.startswith("|"):
+            in_table = False
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if in_table and len(cells) >= 3 and cells[0].startswith("`"):
+            rows.append((section if readme_has_section(section) else "", cells[0], cells[1]))
+    return rows
+
+
+def readme_has_section(name: str) -> bool:
+    return name in load_schema()["properties"]
+
+
+def _number(value):
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            return value
+    return value
+
+
+def _as_value(text: str):
+    import yaml
+
+    return _number(yaml.safe_load(text))
+
+
+def test_readme_key_tables_agree_with_the_schema():
+    """The README restates defaults for reading; this guards the copy against drift."""
+    import re
+
+    checked = 0
+    for section, keys, default in _readme_key_tables():
+        names = re.findall(r"`([\w.]+)`", keys)
+        if not names or "*" in keys or "<" in keys or default in ("", "–"):
+            continue
+        values = _as_value(f"[{default.replace('`', '')}]")
+        if len(values) != len(names):
+            values = [_as_value(default.replace("`", ""))]
+        assert len(values) == len(names), (keys, default)
+        for name, value in zip(names, values, strict=True):
+            dotted = name if "." in name and name.split(".")[0] in load_schema()[
+                "properties"] else f"{section}.{name}".strip(".")
+            sub = load_schema()
+            for part in dotted.split("."):
+                sub = sub["properties"][part]
+            assert value == sub["default"], f"README {dotted}: {value!r} vs {sub['default']!r}"
+            checked += 1
+    assert checked >= 40
