@@ -200,7 +200,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, capsys):
     assert rc == 2
     assert err.strip().splitlines() == [
         "error: dataset.root 'missing.npz' does not exist (dataset.name='npz'); "
-        "point it at the files or set dataset.download: true"
+        "point it at the files"
     ]
     assert not (tmp_path / "o.npz").exists()
 
