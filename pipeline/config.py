@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -26,6 +27,12 @@ METRICS = ("euclidean", "cosine")
 
 def load_schema(path: str | Path = SCHEMA) -> dict:
     return yaml.safe_load(Path(path).read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_schema() -> dict:
+    """The project's schema parsed once, for read-only lookups of single fields."""
+    return load_schema()
 
 
 # The BYOL variants: the schema's enum is the list the workflow knows; a test checks that it
@@ -328,7 +335,7 @@ STAGE_SECTIONS = {
 def field_schema(section: str, name: str, schema: dict | None = None) -> tuple[str, dict]:
     """The dotted key and schema of a stage field: the section's own key, a key of one of
     its sub-sections (a model's or a variant's), or a top-level key (``seed``)."""
-    root = load_schema() if schema is None else schema
+    root = _shared_schema() if schema is None else schema
     sub = root
     for part in section.split("."):
         sub = sub["properties"][part]
