@@ -29,7 +29,7 @@ def _prepare(a):
 def _check_data(a):
     from pipeline.prepare import check_data
 
-    check_data(a.data, a.out, a.k)
+    check_data(a.data, a.out, a.k, a.queue_size)
 
 
 def _train_latent(a):
@@ -62,7 +62,7 @@ def _byol(a):
     from pipeline.byol import ByolParams, train_byol
 
     train_byol(_params(ByolParams, a.params), a.variant, a.seed, a.data, a.neighbours, a.out,
-               a.state, a.history, a.loss_plot, a.device)
+               a.state, a.history, a.loss_plot, a.device, a.online)
 
 
 def _byol_untrained(a):
@@ -130,6 +130,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--k", type=int, default=None, help="neighbours.k, when neighbours are mined")
+    s.add_argument("--queue-size", type=int, default=None,
+                   help="byol.online.queue_size, when online neighbours are used")
 
     s = stage("train-latent", _train_latent, params=True, device=True)
     s.add_argument("--model", required=True)
@@ -154,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--variant", required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--neighbours", type=Path, default=None)
+    s.add_argument("--online", action="store_true",
+                   help="neighbours from a queue of earlier steps' target projections")
     for name in ("data", "out", "state", "history", "loss-plot"):
         s.add_argument(f"--{name}", type=Path, required=True)
 

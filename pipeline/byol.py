@@ -41,6 +41,14 @@ from pipeline.byol_model import (
     weighted_target,
 )
 from pipeline.byol_optim import OPTIMIZERS, lr_at, make_optimizer, tau_at
+from pipeline.byol_sources import (
+    FilterParams,
+    OnlineParams,
+    QueueSource,
+    TableSource,
+    check_online,
+    filter_table,
+)
 from pipeline.byol_variants import VARIANTS, Batch, Streams, Views
 from pipeline.config import RUNTIME_KEYS, check_fields
 from pipeline.io import (
@@ -64,7 +72,7 @@ COLLAPSE_FRACTION = 1e-2
 # The sources that decide what training computes: a state written by other code is not
 # resumed. workflow/rules/byol.smk lists the same files as the rule's code inputs.
 CODE_FILES = ("byol.py", "byol_model.py", "byol_optim.py", "byol_variants.py",
-              "byol_encoder.py", "backbones.py", "augment.py")
+              "byol_sources.py", "byol_encoder.py", "backbones.py", "augment.py")
 HISTORY_COLUMNS = ["epoch", "loss", "lr", "tau", "neighbour_use", "neighbour_purity", "spread",
                    "images_per_s", "seconds"]
 
@@ -95,6 +103,11 @@ class ByolParams:
     p_neighbour: float = 0.5
     pos_weight: float = 0.5
     k: int = 5
+    # Neighbour runs only: the online source's queue, label-free filters, and a warm-up that
+    # ramps the neighbours' share (p, w or the top-k share) linearly from 0.
+    online: OnlineParams = field(default_factory=OnlineParams)
+    filter: FilterParams = field(default_factory=FilterParams)
+    neighbour_warmup_epochs: int = 0
 
 
 def check_params(params: ByolParams, variant: str) -> None:
@@ -112,12 +125,13 @@ def check_params(params: ByolParams, variant: str) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def read_neighbours(path: str | Path, ids: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Neighbour table as row indices into ``ids``: (N, k) int64, plus the file metadata.
+def read_neighbours(path: str | Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Neighbour table as row indices into ``ids``: (N, k) int64, the (N, k) distances in the
+    same order, and the file metadata.
 
     Raises PipelineError when the file's ids are not exactly the training ids.
     """
-    rows, nbrs, _, meta = load_neighbours(path)
+    rows, nbrs, dist, meta = load_neighbours(path)
     anchor, ok_a = locate(ids, rows)
     nb, ok_n = locate(ids, nbrs)
     if len(rows) != len(ids) or not ok_a.all() or not ok_n.all() or \
@@ -129,7 +143,9 @@ def read_neighbours(path: str | Path, ids: np.ndarray) -> tuple[np.ndarray, dict
         )
     table_idx = np.empty_like(nb)
     table_idx[anchor] = nb
-    return table_idx, meta
+    table_dist = np.empty_like(dist)
+    table_dist[anchor] = dist
+    return table_idx, table_dist, meta
 
 
 def _fingerprint(*arrays: np.ndarray) -> str:
@@ -165,6 +181,7 @@ class _Run:
 
     train: Prepared
     nb_table: np.ndarray | None
+    online: bool
     title: str
     header: dict
     fingerprint: str
@@ -172,7 +189,7 @@ class _Run:
 
 
 def _load_run(params: ByolParams, variant: str, seed: int, data: Path,
-              neighbours: Path | None) -> _Run:
+              neighbours: Path | None, online: bool) -> _Run:
     check_params(params, variant)
     train = load_prepared(data).subset(*TRAINING_SPLITS)
     if len(train.images) < 2:
@@ -181,21 +198,37 @@ def _load_run(params: ByolParams, variant: str, seed: int, data: Path,
     _, size, width, _ = train.images.shape
     backbone = resolve_backbone(params.backbone, min(size, width))
     nb_table, title = None, f"BYOL {variant}"
-    if VARIANTS[variant].needs_neighbours:
+    needs = VARIANTS[variant].needs_neighbours
+    if online and not needs:
+        raise PipelineError(f"BYOL variant {variant!r} uses no neighbours; drop --online")
+    if online:
+        if neighbours is not None:
+            raise PipelineError("give either --neighbours or --online, not both")
+        if params.filter.mutual:
+            raise PipelineError("config key 'byol.filter.mutual': online neighbours change "
+                                "every step, so they have no mutual table; set it to false "
+                                "or drop online from byol.sources")
+        check_online(params.online, min(params.batch_size, len(train.images)),
+                     len(train.images), params.k if variant == "topk" else None)
+        title += ", online neighbours"
+    elif needs:
         if neighbours is None:
             raise PipelineError(f"BYOL variant {variant!r} needs a neighbours file "
-                                "(--neighbours)")
-        nb_table, nb_meta = read_neighbours(neighbours, train.ids)
+                                "(--neighbours) or --online")
+        nb_table, nb_dist, nb_meta = read_neighbours(neighbours, train.ids)
         if variant == "topk" and params.k - 1 > nb_table.shape[1]:
             raise PipelineError(f"config key 'byol.topk.k': {params.k} needs {params.k - 1} "
                                 f"neighbours per image, but {neighbours} holds "
                                 f"{nb_table.shape[1]}; raise neighbours.k or lower it")
-        log.info("neighbours %s: k=%d metric=%s purity@1=%s", neighbours, nb_table.shape[1],
-                 nb_meta.get("metric", "?"), nb_meta.get("purity_at_1", "?"))
+        nb_table = filter_table(nb_table, nb_dist, params.filter)
+        kept = float((nb_table != np.arange(len(nb_table))[:, None]).mean())
+        log.info("neighbours %s: k=%d metric=%s purity@1=%s, %.1f%% of pairs kept by the "
+                 "filters", neighbours, nb_table.shape[1], nb_meta.get("metric", "?"),
+                 nb_meta.get("purity_at_1", "?"), 100 * kept)
         title += f", {nb_meta.get('space', '?')} {nb_meta.get('metric', '?')} neighbours"
     fingerprint = _fingerprint(train.ids, train.images,
                                nb_table if nb_table is not None else np.zeros(0))
-    return _Run(train, nb_table, title, encoder_header(backbone, train.images, asdict(params),
+    return _Run(train, nb_table, online, title, encoder_header(backbone, train.images, asdict(params),
                                                        seed), fingerprint, _code_fingerprint())
 
 
@@ -203,7 +236,7 @@ def _load_run(params: ByolParams, variant: str, seed: int, data: Path,
 
 
 def byol_step(net: nn.Module, online: Online, target: Target, optimizer, b: Batch, autocast,
-              tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+              tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One BYOL update: both views through online and target, symmetric loss, step, EMA.
 
     Args:
@@ -213,7 +246,8 @@ def byol_step(net: nn.Module, online: Online, target: Target, optimizer, b: Batc
         tau: EMA rate for this step.
 
     Returns:
-        the loss (scalar, detached) and the online representations of view 1 (B, D).
+        the loss (scalar, detached), the online representations of view 1 (B, D) and the
+        target projections of view 1 (B, P), which an online neighbour source stores.
     """
     with autocast:
         h1, p1 = net(b.v1)
@@ -230,7 +264,7 @@ def byol_step(net: nn.Module, online: Online, target: Target, optimizer, b: Batc
     loss.backward()
     optimizer.step()
     ema_update(target, online, tau)
-    return loss.detach(), h1.detach()
+    return loss.detach(), h1.detach(), z1
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -256,6 +290,12 @@ class _Loop:
     autocast: object
     step: int = 0
 
+    def strength(self) -> float:
+        """The neighbours' share at this step: a linear ramp over
+        ``neighbour_warmup_epochs``, then 1."""
+        ramp = self.params.neighbour_warmup_epochs * self.steps_per_epoch
+        return min(1.0, self.step / ramp) if ramp else 1.0
+
 
 def _epoch(loop: _Loop, epoch: int, dev: torch.device) -> tuple[dict, dict]:
     """Train one epoch; returns its history row and the epoch's generator states."""
@@ -274,10 +314,12 @@ def _epoch(loop: _Loop, epoch: int, dev: torch.device) -> tuple[dict, dict]:
         for group in loop.optimizer.param_groups:
             group["lr"] = lr
         with torch.no_grad():
-            b = make_batch(loop.views, idx, g, p)
+            b = make_batch(loop.views, idx, g, p, loop.strength())
         tau = tau_at(loop.step, loop.total, p.tau_base)
-        loss, h1 = byol_step(loop.net, loop.online, loop.target, loop.optimizer, b,
-                             loop.autocast, tau)
+        loss, h1, z1 = byol_step(loop.net, loop.online, loop.target, loop.optimizer, b,
+                                 loop.autocast, tau)
+        if loop.views.neighbours is not None:
+            loop.views.neighbours.observe(idx, z1)
         loop.step += 1
         with torch.no_grad():
             sums[0] += loss
@@ -415,7 +457,7 @@ def _matching_state(state: Path, params: ByolParams, variant: str, seed: int,
 
 def train_byol(
     params: ByolParams, variant: str, seed: int, data: Path, neighbours: Path | None, out: Path,
-    state: Path, history: Path, loss_plot: Path, device: str,
+    state: Path, history: Path, loss_plot: Path, device: str, online_neighbours: bool = False,
 ) -> None:
     """Train one BYOL encoder and save it to ``out``.
 
@@ -424,7 +466,7 @@ def train_byol(
         variant: key of :data:`pipeline.byol_variants.VARIANTS`.
         seed: fixes initialisation, batch order, augmentations and neighbour draws.
         data: prepared ``data.npz``.
-        neighbours: ``neighbours.parquet`` (required by the neighbour variants).
+        neighbours: ``neighbours.parquet`` (a neighbour variant needs it, or ``online``).
         out: encoder checkpoint to write (``encoder.pt``).
         state: resumable checkpoint; resumed from when it matches. At the end it holds the
             finished training (``out`` is a hard link to it), so a re-run after Snakemake
@@ -432,12 +474,14 @@ def train_byol(
         history: per-epoch CSV.
         loss_plot: PNG of the loss curve.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        online_neighbours: neighbours from a queue of earlier steps' target projections
+            (:class:`pipeline.byol_sources.QueueSource`) instead of a file.
     """
     from pipeline.device import describe, resolve_device
 
     _setup_logging()
     out, state, history, loss_plot = Path(out), Path(state), Path(history), Path(loss_plot)
-    run = _load_run(params, variant, seed, data, neighbours)
+    run = _load_run(params, variant, seed, data, neighbours, online_neighbours)
     dev = resolve_device(device)
     ck = _matching_state(state, params, variant, seed, run)
     if "encoder" in ck:
@@ -476,8 +520,14 @@ def train_byol(
         x = normalise(x, mean_t, std_t)
         return x.contiguous(memory_format=torch.channels_last) if cuda else x
 
-    nb_dev = torch.from_numpy(run.nb_table).to(dev) if run.nb_table is not None else None
-    views = Views(torch.from_numpy(images_np).to(dev), nb_dev, params.view1, params.view2,
+    source = None
+    if run.nb_table is not None:
+        source = TableSource(torch.from_numpy(run.nb_table).to(dev))
+    elif run.online:
+        source = QueueSource(n, params.proj_dim, params.online, params.filter.quantile, dev)
+        if ck:
+            source.load_state_dict(ck["queue"])
+    views = Views(torch.from_numpy(images_np).to(dev), source, params.view1, params.view2,
                   prepare)
     net = online
     if params.compile:
@@ -509,7 +559,8 @@ def train_byol(
                          "data": run.fingerprint, "code": run.code, "epoch": epoch + 1,
                          "step": loop.step, "online": online.state_dict(),
                          "target": target.state_dict(), "optimizer": optimizer.state_dict(),
-                         "rng": rng, "history": rows, "provenance": provenance()}, state)
+                         "rng": rng, "history": rows, "provenance": provenance(),
+                         **({"queue": source.state_dict()} if run.online else {})}, state)
     _finish(loop, rows, run, describe(dev), state, out, history, loss_plot)
 
 

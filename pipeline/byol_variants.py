@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.augment import AugmentParams, augment, to_float
+from pipeline.byol_sources import QueueSource, TableSource
 
 
 @dataclass
@@ -49,12 +50,15 @@ class Streams:
 
 
 class Views:
-    """Shared inputs of every variant's view builder: the images, the neighbour table and
-    each view's augmentation (view 1 and view 2 of BYOL may differ)."""
+    """Shared inputs of every variant's view builder: the images, the neighbour source
+    (:mod:`pipeline.byol_sources`; a bare (N, k) table is an offline one) and each view's
+    augmentation (view 1 and view 2 of BYOL may differ)."""
 
-    def __init__(self, images: torch.Tensor, neighbours: torch.Tensor | None,
-                 aug1: AugmentParams, aug2: AugmentParams,
+    def __init__(self, images: torch.Tensor, neighbours: TableSource | QueueSource
+                 | torch.Tensor | None, aug1: AugmentParams, aug2: AugmentParams,
                  prepare: Callable[[torch.Tensor], torch.Tensor]):
+        if isinstance(neighbours, torch.Tensor):
+            neighbours = TableSource(neighbours)
         self.images, self.neighbours, self.prepare = images, neighbours, prepare
         self.aug = {1: aug1, 2: aug2}
 
@@ -64,52 +68,64 @@ class Views:
 
     def pick_neighbour(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One of each anchor's k neighbours, uniformly and independently per sample."""
-        k = self.neighbours.shape[1]
-        choice = torch.randint(k, (len(idx),), generator=g, device=idx.device)
-        return self.neighbours[idx, choice]
+        choice = torch.randint(self.neighbours.k, (len(idx),), generator=g, device=idx.device)
+        return self.neighbours.lookup(idx)[torch.arange(len(idx), device=idx.device), choice]
 
 
-def _baseline(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
+def _real(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (anchor, neighbour) pairs that are not self pairs (a filter's or a source's
+    fallback), for the purity log."""
+    other = a != b
+    return a[other], b[other]
+
+
+def _baseline(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
     return Batch(v.view(idx, g.v1, 1), v.view(idx, g.v2, 2))
 
 
-def _probabilistic(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
-    """Per sample, with probability p, the second view shows a random neighbour instead."""
-    coin = torch.rand(len(idx), generator=g.nb, device=idx.device) < p.p_neighbour
+def _probabilistic(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
+    """Per sample, with probability p (times the warm-up ramp s), the second view shows a
+    random neighbour instead."""
+    coin = torch.rand(len(idx), generator=g.nb, device=idx.device) < p.p_neighbour * s
     other = torch.where(coin, v.pick_neighbour(idx, g.nb), idx)
     return Batch(v.view(idx, g.v1, 1), v.view(other, g.v2, 2),
-                 neighbour_use=coin.float().mean(), pairs=(idx[coin], other[coin]))
+                 neighbour_use=(other != idx).float().mean(), pairs=_real(idx, other))
 
 
-def _weighted(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
-    """Each view's target mixes in a random neighbour's, with weight w."""
+def _weighted(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
+    """Each view's target mixes in a random neighbour's, with weight w (times the ramp s)."""
     v1, v2 = v.view(idx, g.v1, 1), v.view(idx, g.v2, 2)
     nb = v.pick_neighbour(idx, g.nb)
-    w = p.pos_weight
+    w = p.pos_weight * s
     return Batch(v1, v2, (v.view(nb, g.nb, 1),), (v.view(nb, g.nb, 2),), (1.0 - w, w),
-                 neighbour_use=w, pairs=(idx, nb) if w > 0 else None)
+                 neighbour_use=w * (nb != idx).float().mean(),
+                 pairs=_real(idx, nb) if w > 0 else None)
 
 
-def _topk(v: Views, idx: torch.Tensor, g: Streams, p: Any) -> Batch:
-    """MSF's top-k mean target (Koohpayegani et al. 2021) with offline neighbours: each
-    view's target is the mean of the normalised target projections of the image's view and
-    of the same view of its k - 1 nearest neighbours. k = 1 is the baseline."""
+def _topk(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
+    """MSF's top-k mean target (Koohpayegani et al. 2021): each view's target is the mean of
+    the normalised target projections of the image's view and of the same view of its
+    k - 1 nearest neighbours. k = 1 is the baseline; during a warm-up (s < 1) the
+    neighbours' share grows from 0 to (k - 1) / k."""
     v1, v2 = v.view(idx, g.v1, 1), v.view(idx, g.v2, 2)
     m = p.k - 1
     if m == 0:
         return Batch(v1, v2)
-    nbs = v.neighbours[idx, :m]  # (B, k - 1), nearest first
+    nbs = v.neighbours.lookup(idx)[:, :m]  # (B, k - 1), nearest first
     n1 = tuple(v.view(nbs[:, j], g.nb, 1) for j in range(m))
     n2 = tuple(v.view(nbs[:, j], g.nb, 2) for j in range(m))
-    return Batch(v1, v2, n1, n2, (1.0 / p.k,) * p.k, neighbour_use=m / p.k,
-                 pairs=(idx.repeat_interleave(m), nbs.reshape(-1)))
+    own = 1.0 / p.k + (1.0 - s) * m / p.k
+    anchors = idx.repeat_interleave(m)
+    return Batch(v1, v2, n1, n2, (own,) + (s / p.k,) * m,
+                 neighbour_use=(1.0 - own) * (nbs != idx[:, None]).float().mean(),
+                 pairs=_real(anchors, nbs.reshape(-1)))
 
 
 @dataclass(frozen=True)
 class Use:
     """One registered variant: its batch builder and whether it reads a neighbours file."""
 
-    make_batch: Callable[[Views, torch.Tensor, Streams, Any], Batch]
+    make_batch: Callable[[Views, torch.Tensor, Streams, Any, float], Batch]
     needs_neighbours: bool
     paper: str
 

@@ -106,17 +106,28 @@ def _check_finite(value: Any, path: tuple = ()) -> None:
 
 def _check_grid(config: dict) -> None:
     """A neighbour variant needs at least one latent space and one metric to mine with."""
-    wanted = [v for v in config["byol"]["variants"] if v != "baseline"]
+    byol = config["byol"]
+    wanted = [v for v in byol["variants"] if v != "baseline"]
     for key, values in (("latent.models", config["latent"]["models"]),
                         ("neighbours.metrics", config["neighbours"]["metrics"])):
-        if wanted and not values:
+        if wanted and "latent" in byol["sources"] and not values:
             raise PipelineError(
                 f"config key {key!r}: [] is empty, but byol.variants asks for {wanted}, "
-                f"which need neighbours; list at least one, or set byol.variants: [baseline]")
-    k, mined = config["byol"]["topk"]["k"], config["neighbours"]["k"]
-    if "topk" in wanted and k - 1 > mined:
+                f"which need neighbours; list at least one, set byol.sources: [online], "
+                "or set byol.variants: [baseline]")
+    k, mined = byol["topk"]["k"], config["neighbours"]["k"]
+    if "topk" in wanted and "latent" in byol["sources"] and k - 1 > mined:
         raise PipelineError(f"config key 'byol.topk.k': {k} needs {k - 1} neighbours per image, "
                             f"but neighbours.k is {mined}; raise neighbours.k or lower it")
+    if wanted and "online" in byol["sources"]:
+        from pipeline.byol_sources import OnlineParams, check_online
+
+        if byol["filter"]["mutual"]:
+            raise PipelineError("config key 'byol.filter.mutual': online neighbours change "
+                                "every step, so they have no mutual table; set it to false "
+                                "or drop online from byol.sources")
+        check_online(OnlineParams(**byol["online"]), byol["batch_size"], None,
+                     k if "topk" in wanted else None)
     tag = config["dataset"].get("tag")
     if tag in (".", ".."):
         raise PipelineError(f"config key 'dataset.tag': {tag!r} would write outside results/; "
@@ -190,7 +201,8 @@ def latent_params(config: dict, model: str) -> dict[str, Any]:
 # stay out of the stage params, so changing them never invalidates finished results.
 RUNTIME_KEYS = {"latent": ("on_collapse",), "neighbours": ("chunk_size",),
                 "byol": ("checkpoint_every",), "evaluate": ()}
-GRID_KEYS = {"neighbours": ("metrics", "pixels"), "byol": ("variants", "seeds"),
+GRID_KEYS = {"neighbours": ("metrics", "pixels"),
+             "byol": ("variants", "seeds", "sources", "refresh_rounds"),
              "evaluate": ("untrained",)}
 
 
@@ -211,14 +223,24 @@ def neighbours_params(config: dict) -> dict[str, Any]:
 BYOL_VIEWS = ("view1", "view2")
 
 
-def byol_params(config: dict, variant: str) -> dict[str, Any]:
+# Keys that only neighbour runs read (and only online runs read ``online``): left out of the
+# other runs' params, so changing them re-runs only the runs they change.
+BYOL_NEIGHBOUR_KEYS = ("filter", "neighbour_warmup_epochs", "online")
+
+
+def byol_params(config: dict, variant: str, source: str = "latent") -> dict[str, Any]:
     """Shared BYOL keys plus the variant's own section (seed comes from the wildcard).
 
     Each view's augmentation is ``byol.augment`` overridden by that view's section, so the
-    params hold ``view1.*`` and ``view2.*`` in full and no ``augment.*``.
+    params hold ``view1.*`` and ``view2.*`` in full and no ``augment.*``. ``source`` is the
+    run's neighbour source (``latent``, ``refresh`` or ``online``; ignored for the baseline).
     """
-    shared = {k: v for k, v in _result_keys(config, "byol").items()
-              if k not in VARIANTS and k not in BYOL_VIEWS and k != "augment"}
+    skip = set(VARIANTS) | set(BYOL_VIEWS) | {"augment"}
+    if variant == "baseline":
+        skip |= set(BYOL_NEIGHBOUR_KEYS)
+    elif source != "online":
+        skip.add("online")
+    shared = {k: v for k, v in _result_keys(config, "byol").items() if k not in skip}
     section = config["byol"]
     views = {v: {**section.get("augment", {}), **section.get(v, {})} for v in BYOL_VIEWS}
     return flatten({**shared, **views, **section.get(variant, {})})
@@ -282,24 +304,35 @@ def dataset_tag(config: dict, configfiles: list[str | Path] = ()) -> str:
     return config["dataset"]["name"]
 
 
-def run_name(stage: str, variant: str = "", latent: str = "", metric: str = "") -> str:
-    """Readable run names: pixels, latent-vae, byol-baseline, byol-weighted-ae-cosine."""
+def run_name(stage: str, variant: str = "", latent: str = "", metric: str = "",
+             round: int = 1) -> str:
+    """Readable run names: pixels, latent-vae, byol-baseline, byol-weighted-ae-cosine,
+    byol-weighted-ae-cosine-r2 (refresh round 2), byol-topk-online (online neighbours)."""
     parts = {"pixels": ["pixels"], "latent": ["latent", latent]}.get(
-        stage, ["byol", variant, latent, metric]
+        stage, ["byol", variant, latent, metric, f"r{round}" if round > 1 else ""]
     )
     return "-".join(p for p in parts if p)
 
 
 def parse_run_name(name: str) -> dict[str, str]:
-    """Inverse of :func:`run_name`: the table's stage/latent/metric/variant columns."""
+    """Inverse of :func:`run_name`: the table's stage/latent/metric/variant columns. The
+    latent column names the neighbour source: a latent model, ``<model>-r<round>`` for a
+    refresh round, or ``online``."""
     parts = name.split("-")
     if parts == ["pixels"]:
         return {"stage": "pixels", "latent": "", "metric": "", "variant": ""}
     if parts[0] == "latent" and len(parts) == 2:
         return {"stage": "latent", "latent": parts[1], "metric": "", "variant": ""}
-    if parts[0] == "byol" and len(parts) in (2, 4):
-        latent, metric = (parts[2], parts[3]) if len(parts) == 4 else ("", "")
-        return {"stage": "byol", "latent": latent, "metric": metric, "variant": parts[1]}
+    if parts[0] == "byol":
+        byol = {"stage": "byol", "latent": "", "metric": "", "variant": parts[1]}
+        if len(parts) == 2:
+            return byol
+        if parts[2:] == ["online"]:
+            return {**byol, "latent": "online", "metric": "cosine"}
+        if len(parts) == 4:
+            return {**byol, "latent": parts[2], "metric": parts[3]}
+        if len(parts) == 5 and re.fullmatch(r"r[2-9]|r[1-9]\d+", parts[4]):
+            return {**byol, "latent": f"{parts[2]}-{parts[4]}", "metric": parts[3]}
     raise PipelineError(f"not a run name: {name!r}")
 
 

@@ -491,7 +491,7 @@ def test_bad_inputs_name_the_problem_and_leave_no_output(tmp_path, data, neighbo
                                             r"-0\.1 is less than the minimum of 0$"):
         run(tmp_path, data, "bad", "weighted", neighbours, pos_weight=-0.1)
     with pytest.raises(PipelineError, match=r"^BYOL variant 'weighted' needs a neighbours file "
-                                            r"\(--neighbours\)$"):
+                                            r"\(--neighbours\) or --online$"):
         run(tmp_path, data, "bad", "weighted", None)
     with pytest.raises(PipelineError, match=r"^unknown BYOL variant 'nnclr'; choose one of: "
                                             r"baseline, probabilistic, weighted, topk$"):

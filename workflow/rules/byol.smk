@@ -1,18 +1,15 @@
 # BYOL runs live in results/<ds>/byol/<name>/seed<N>/ with name `baseline`,
-# `<variant>-<model>-<metric>` or `untrained`. state.pt beside the outputs is the resumable
-# checkpoint: a killed job re-run by snakemake continues from it. It is a param, not an
+# `<variant>-<model>-<metric>` (offline latent neighbours), `<variant>-<model>-<metric>-r<R>`
+# (refresh round R), `<variant>-online` or `untrained`. state.pt beside the outputs is the
+# resumable checkpoint: a killed job re-run by snakemake continues from it. It is a param, not an
 # output, so Snakemake never deletes it; after training it holds the finished encoder, so a
 # job whose outputs Snakemake discarded as incomplete (Ctrl-C, kill -9) only rewrites them.
 
-from pipeline.config import VARIANTS as ALL_VARIANTS
-
 # What training computes (pipeline.byol.CODE_FILES, plus the loss plot).
 BYOL_CODE = sources(
-    "byol.py", "byol_model.py", "byol_optim.py", "byol_variants.py", "byol_encoder.py",
-    "backbones.py", "augment.py", "plots.py",
+    "byol.py", "byol_model.py", "byol_optim.py", "byol_variants.py", "byol_sources.py",
+    "byol_encoder.py", "backbones.py", "augment.py", "plots.py",
 )
-# Every registered variant but the baseline reads a neighbours file.
-NEIGHBOUR_VARIANTS = "|".join(v for v in ALL_VARIANTS if v != "baseline")
 
 
 rule byol_baseline:
@@ -33,10 +30,11 @@ rule byol_baseline:
     wildcard_constraints:
         variant="baseline",
     params:
-        cfg=byol_cfg,
+        cfg=byol_cfg("latent"),
         opts=runtime_of("byol"),
         device=DEVICE,
         state=f"{R}/byol/{{variant}}/seed{{seed}}/state.pt",
+        source="",
     log:
         f"{LOGS}/byol/{{variant}}-seed{{seed}}.log",
     benchmark:
@@ -51,9 +49,33 @@ rule byol_baseline:
     shell:
         "python -m pipeline --threads {threads} byol --variant {wildcards.variant}"
         " --seed {wildcards.seed} --params {params.cfg:q} --runtime {params.opts:q}"
-        " --device {params.device}"
+        " --device {params.device} {params.source}"
         " --data {input.data} --out {output.encoder} --state {params.state}"
         " --history {output.history} --loss-plot {output.loss_plot} > {log} 2>&1"
+
+
+use rule byol_baseline as byol_online with:
+    output:
+        encoder=f"{R}/byol/{{variant}}-online/seed{{seed}}/encoder.pt",
+        history=f"{R}/byol/{{variant}}-online/seed{{seed}}/history.csv",
+        loss_plot=report(
+            f"{R}/byol/{{variant}}-online/seed{{seed}}/loss.png",
+            caption="../report/byol_loss.rst",
+            category="BYOL",
+            subcategory="{variant}-online",
+        ),
+    wildcard_constraints:
+        variant=NEIGHBOUR_VARIANTS,
+    params:
+        cfg=byol_cfg("online"),
+        opts=runtime_of("byol"),
+        device=DEVICE,
+        state=f"{R}/byol/{{variant}}-online/seed{{seed}}/state.pt",
+        source="--online",
+    log:
+        f"{LOGS}/byol/{{variant}}-online-seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/byol/{{variant}}-online-seed{{seed}}.tsv"
 
 
 rule byol_neighbours:
@@ -75,7 +97,7 @@ rule byol_neighbours:
     wildcard_constraints:
         variant=NEIGHBOUR_VARIANTS,
     params:
-        cfg=byol_cfg,
+        cfg=byol_cfg("latent"),
         opts=runtime_of("byol"),
         device=DEVICE,
         state=f"{R}/byol/{{variant}}-{{model}}-{{metric}}/seed{{seed}}/state.pt",
@@ -97,6 +119,35 @@ rule byol_neighbours:
         " --data {input.data} --neighbours {input.neighbours} --out {output.encoder}"
         " --state {params.state} --history {output.history}"
         " --loss-plot {output.loss_plot} > {log} 2>&1"
+
+
+use rule byol_neighbours as byol_refresh with:
+    input:
+        data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
+        neighbours=f"{R}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/neighbours.parquet",
+        code=BYOL_CODE,
+    output:
+        encoder=f"{R}/byol/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/encoder.pt",
+        history=f"{R}/byol/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/history.csv",
+        loss_plot=report(
+            f"{R}/byol/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/loss.png",
+            caption="../report/byol_loss.rst",
+            category="BYOL",
+            subcategory="{variant}-{model}-{metric}-r{round}",
+        ),
+    wildcard_constraints:
+        variant=NEIGHBOUR_VARIANTS,
+        round=r"[2-9]|[1-9]\d+",
+    params:
+        cfg=byol_cfg("refresh"),
+        opts=runtime_of("byol"),
+        device=DEVICE,
+        state=f"{R}/byol/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/state.pt",
+    log:
+        f"{LOGS}/byol/{{variant}}-{{model}}-{{metric}}-r{{round}}-seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/byol/{{variant}}-{{model}}-{{metric}}-r{{round}}-seed{{seed}}.tsv"
 
 
 rule byol_untrained:

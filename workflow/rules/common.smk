@@ -21,6 +21,7 @@ from pipeline.config import (
     prepare_params,
     resolve_config,
     run_name,
+    VARIANTS as ALL_VARIANTS,
     runtime_params,
 )
 from pipeline.prepare import PrepareParams, check_source
@@ -69,6 +70,10 @@ METRICS = config["neighbours"]["metrics"]
 SPACES = LATENTS + (["pixels"] if config["neighbours"]["pixels"] else [])
 VARIANTS = config["byol"]["variants"]
 SEEDS = config["byol"]["seeds"]
+SOURCES = config["byol"]["sources"]
+ROUNDS = config["byol"]["refresh_rounds"]
+# Every registered variant but the baseline uses neighbours (a wildcard regex).
+NEIGHBOUR_VARIANTS = "|".join(v for v in ALL_VARIANTS if v != "baseline")
 
 
 wildcard_constraints:
@@ -116,13 +121,18 @@ def eval_json(run, seed=None):
 
 
 def byol_runs():
-    """BYOL run names of the grid: the baseline, and each neighbour variant per space."""
+    """BYOL run names of the grid: the baseline, and each neighbour variant per source: per
+    latent space and metric (and refresh round), and online."""
     runs = []
     for variant in VARIANTS:
         if variant == "baseline":
             runs.append(run_name("byol", "baseline"))
-        else:
-            runs += [run_name("byol", variant, m, d) for m in LATENTS for d in METRICS]
+            continue
+        if "latent" in SOURCES:
+            runs += [run_name("byol", variant, m, d, r) for m in LATENTS for d in METRICS
+                     for r in range(1, ROUNDS + 1)]
+        if "online" in SOURCES:
+            runs.append(run_name("byol", variant, "online"))
     return runs
 
 
@@ -187,8 +197,23 @@ def untrained_cfg():
     return as_param({k: flat[k] for k in ("backbone", "proj_dim", "proj_hidden")})
 
 
-def byol_cfg(wildcards):
-    return params_of("byol", wildcards.variant)
+def byol_cfg(source):
+    """A BYOL rule's params function; ``source`` is its neighbour source."""
+
+    def cfg(wildcards):
+        return params_of("byol", wildcards.variant, source)
+
+    return cfg
+
+
+def refreshed_from(wildcards):
+    """The BYOL run whose encoder's features a refresh round mines: the previous round."""
+    return run_name("byol", wildcards.variant, wildcards.model, wildcards.metric,
+                    int(wildcards.round) - 1).removeprefix("byol-")
+
+
+def refresh_features(wildcards):
+    return os.path.join(byol_dir(refreshed_from(wildcards), wildcards.seed), "features.parquet")
 
 
 def byol_encoder(wildcards):

@@ -35,6 +35,24 @@ rule neighbours:
         " --data {input.data} --out {output.table} --grid {output.grid} > {log} 2>&1"
 
 
+use rule neighbours as neighbours_refresh with:
+    input:
+        source=refresh_features,
+        data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
+        code=sources("neighbours.py", "latent_health.py", "plots.py"),
+    output:
+        table=f"{R}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/neighbours.parquet",
+        grid=f"{R}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/grid.png",
+    wildcard_constraints:
+        variant=NEIGHBOUR_VARIANTS,
+        round=r"[2-9]|[1-9]\d+",
+    log:
+        f"{LOGS}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}-seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}-seed{{seed}}.tsv"
+
+
 rule purity:
     """Neighbour label purity and hubness of every space and metric, side by side."""
     input:

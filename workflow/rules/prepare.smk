@@ -32,6 +32,11 @@ rule check_data:
         CHECKED,
     params:
         k=f"--k {config['neighbours']['k']}" if SPACES and METRICS else "",
+        queue=(
+            f"--queue-size {config['byol']['online']['queue_size']}"
+            if "online" in SOURCES and VARIANTS != ["baseline"]
+            else ""
+        ),
     log:
         f"{LOGS}/check_data.log",
     localrule: True
@@ -42,4 +47,4 @@ rule check_data:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m pipeline check-data --data {input.data} {params.k} --out {output} > {log} 2>&1"
+        "python -m pipeline check-data --data {input.data} {params.k} {params.queue} --out {output} > {log} 2>&1"

@@ -1,0 +1,274 @@
+"""Neighbour sources (offline table, refresh, online queue), filters and the warm-up ramp."""
+
+import csv
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import pipeline.byol as byol
+import pipeline.byol_variants as variants
+from pipeline import PipelineError
+from pipeline.byol import ByolParams, train_byol
+from pipeline.byol_sources import FilterParams, OnlineParams, QueueSource, filter_table
+from test_byol import OFF, TINY, IndexViews, data, same_weights, streams, weights  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Tiny nets: one thread is fastest."""
+
+
+def write_table(path, ids, offsets, distances=None):
+    """Neighbour j of row i is row (i + offsets[j]) % n."""
+    n, k = len(ids), len(offsets)
+    nbrs = np.stack([ids[(np.arange(n) + o) % n] for o in offsets], 1)
+    dist = np.ones((n, k), np.float32) if distances is None else distances
+    pq.write_table(pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "neighbours": pa.FixedSizeListArray.from_arrays(pa.array(nbrs.ravel(), pa.int64()), k),
+        "distances": pa.FixedSizeListArray.from_arrays(
+            pa.array(dist.ravel(), pa.float32()), k),
+    }).replace_schema_metadata({"metric": "cosine", "k": str(k)}), path)
+    return path
+
+
+IDS = np.arange(100, 140, dtype=np.int64)  # the training ids of the data fixture
+
+
+def run(tmp_path, data, name, variant="baseline", nb=None, queue=False, **kw):
+    d = tmp_path / name
+    train_byol(ByolParams(**{**TINY, **kw}), variant, 0, data, nb, d / "encoder.pt",
+               d / "state.pt", d / "history.csv", d / "loss.png", "cpu",
+               online_neighbours=queue)
+    return d / "encoder.pt"
+
+
+def history(path):
+    with open(path.parent / "history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------- filters
+
+
+def test_filter_table_mutual_and_quantile_on_a_hand_made_table():
+    table = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+    dist = np.array([[0.1, 0.5], [0.1, 0.9], [0.2, 0.5], [0.2, 0.9]], np.float32)
+    # Mutual pairs: (0,1), (0,2), (2,3); 1 -> 3 is not returned by 3 -> (2, 1)? it is: 3's
+    # neighbours are 2 and 1, so (1, 3) and (3, 1) are mutual as well.
+    assert filter_table(table, dist, FilterParams(mutual=True)).tolist() == table.tolist()
+    one_way = np.array([[1, 2], [0, 2], [3, 0], [2, 1]])  # 1 -> 2, but 2 -> (3, 0)
+    assert filter_table(one_way, dist, FilterParams(mutual=True)).tolist() == \
+        [[1, 2], [0, 1], [3, 0], [2, 3]]
+    # The 0.5 quantile of the eight distances is 0.35: the far pairs become self pairs.
+    assert filter_table(table, dist, FilterParams(quantile=0.5)).tolist() == \
+        [[1, 0], [0, 1], [3, 2], [2, 3]]
+    assert filter_table(table, dist, FilterParams(quantile=1.0)).tolist() == table.tolist()
+
+
+def test_filters_that_keep_every_pair_reproduce_the_unfiltered_run_bit_for_bit(tmp_path, data):
+    symmetric = write_table(tmp_path / "sym.parquet", IDS, [1, -1])  # every pair is mutual
+    plain = run(tmp_path, data, "plain", "weighted", symmetric)
+    kept = run(tmp_path, data, "kept", "weighted", symmetric,
+               filter=FilterParams(mutual=True, quantile=1.0))
+    assert same_weights(weights(plain), weights(kept))
+
+
+def test_a_filter_that_rejects_every_pair_is_the_baseline_bit_for_bit(tmp_path, data):
+    one_way = write_table(tmp_path / "one.parquet", IDS, [1, 2])  # no pair is mutual
+    base = run(tmp_path, data, "base")
+    rejected = run(tmp_path, data, "rejected", "probabilistic", one_way,
+                   filter=FilterParams(mutual=True), p_neighbour=1.0)
+    unfiltered = run(tmp_path, data, "unfiltered", "probabilistic", one_way, p_neighbour=1.0)
+    assert same_weights(weights(base), weights(rejected))
+    assert not same_weights(weights(base), weights(unfiltered))
+    # Self pairs are no neighbour use and do not count toward purity.
+    rows = history(rejected)
+    assert [r["neighbour_use"] for r in rows] == ["0.0", "0.0"]
+    assert [r["neighbour_purity"] for r in rows] == ["", ""]
+
+
+# ------------------------------------------------------------------- warm-up
+
+
+def test_warm_up_ramps_the_neighbour_share_from_zero(tmp_path, data):
+    n, k = 2000, 3
+    table = (torch.arange(n).view(-1, 1) + torch.arange(1, k + 1)) % n
+    views = IndexViews(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), table, OFF, OFF,
+                       lambda x: x)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:1000]
+    p = ByolParams(p_neighbour=0.8, pos_weight=0.6, k=3)
+    rates = [variants._probabilistic(views, idx, streams(), p, s).neighbour_use.item()
+             for s in (0.0, 0.5, 1.0)]
+    assert rates[0] == 0.0 and 0.34 < rates[1] < 0.46 and 0.75 < rates[2] < 0.85
+    assert variants._weighted(views, idx, streams(), p, 0.5).weights == (0.7, 0.3)
+    assert variants._topk(views, idx, streams(), p, 0.0).weights == (1.0, 0.0, 0.0)
+    assert variants._topk(views, idx, streams(), p, 1.0).weights == (1 / 3,) * 3
+    # In training the ramp is linear in steps: 2 steps per epoch, 2 warm-up epochs.
+    w = run(tmp_path, data, "ramp", "weighted", write_table(tmp_path / "nb.parquet", IDS, [1]),
+            epochs=3, neighbour_warmup_epochs=2, pos_weight=0.8)
+    use = [float(r["neighbour_use"]) for r in history(w)]
+    assert use == pytest.approx([0.8 * (0 + 0.25) / 2, 0.8 * (0.5 + 0.75) / 2, 0.8])
+
+
+# ------------------------------------------------------------------- online
+
+
+def test_queue_neighbours_come_only_from_earlier_steps_never_the_image_itself():
+    torch.manual_seed(0)
+    q = QueueSource(20, 4, OnlineParams(queue_size=8, k=2), 1.0, torch.device("cpu"))
+    first = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(q.lookup(first), first[:, None].expand(4, 2))  # nothing seen: self
+    z = torch.randn(20, 4)
+    q.observe(first, z[first])
+    # Seen anchors find the others of the earlier step, never themselves.
+    found = q.lookup(first)
+    assert all(set(found[i].tolist()) <= {0, 1, 2, 3} - {i} for i in range(4))
+    # An unseen anchor has no query yet: self pairs, whatever the queue holds.
+    assert q.lookup(torch.tensor([7])).tolist() == [[7, 7]]
+    # The queue is FIFO: after 8 more targets, the first step's are gone.
+    q.observe(torch.arange(4, 12), z[4:12])
+    assert not set(q.lookup(torch.arange(12)).flatten().tolist()) & {0, 1, 2, 3}
+    assert set(q.rows.tolist()) == set(range(4, 12))
+    # Nearest by cosine: the anchor's stored target's closest queue entries, in order.
+    sims = torch.nn.functional.normalize(z[4:12], dim=-1) @ \
+        torch.nn.functional.normalize(z[5], dim=-1)
+    sims[1] = -2  # row 5 itself is excluded
+    assert q.lookup(torch.tensor([5]))[0].tolist() == (sims.topk(2).indices + 4).tolist()
+
+
+def test_online_training_uses_neighbours_from_the_second_epoch_and_resumes_exactly(
+        tmp_path, data, monkeypatch):
+    kw = dict(epochs=3, online=OnlineParams(queue_size=24, k=2), p_neighbour=1.0)
+    straight = run(tmp_path, data, "straight", "probabilistic", queue=True, **kw)
+    use = [float(r["neighbour_use"]) for r in history(straight)]
+    assert use[0] == 0.0 and use[1] > 0.5 and use[2] > 0.5  # epoch 1 has no queries yet
+    real_stream = byol._stream
+
+    def fail_in_epoch_three(seed, epoch, stream, device):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real_stream(seed, epoch, stream, device)
+
+    monkeypatch.setattr(byol, "_stream", fail_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data, "resumed", "probabilistic", queue=True, **kw)
+    monkeypatch.setattr(byol, "_stream", real_stream)
+    resumed = run(tmp_path, data, "resumed", "probabilistic", queue=True, **kw)
+    assert same_weights(weights(straight), weights(resumed))  # the queue was restored
+
+
+def test_online_topk_and_weighted_train(tmp_path, data):
+    for variant in ("weighted", "topk"):
+        enc = run(tmp_path, data, variant, variant, queue=True, k=3,
+                  online=OnlineParams(queue_size=24, k=2))
+        assert float(history(enc)[-1]["neighbour_use"]) > 0
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("online, message", [
+    (OnlineParams(queue_size=8, k=2),
+     r"^config key 'byol.online.queue_size': 8 is smaller than the batch \(16\)"),
+    (OnlineParams(queue_size=64, k=2),
+     r"^config key 'byol.online.queue_size': 64 is larger than the 40 training images"),
+    (OnlineParams(queue_size=20, k=20),
+     r"^config key 'byol.online.k': 20 needs a queue of more than 20 targets"),
+])
+def test_bad_queue_settings_fail_before_training(tmp_path, data, online, message, monkeypatch):
+    monkeypatch.setattr(byol, "byol_step", lambda *a: pytest.fail("trained"))
+    with pytest.raises(PipelineError, match=message):
+        run(tmp_path, data, "bad", "probabilistic", queue=True, online=online)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_source_settings_in_the_config_name_the_key():
+    from pipeline.config import validate_config
+
+    def fails(byol_cfg, message):
+        with pytest.raises(PipelineError, match=message):
+            validate_config({"byol": {"variants": ["baseline", "probabilistic"], **byol_cfg}})
+
+    fails({"refresh_rounds": 0},
+          r"^config key 'byol.refresh_rounds': 0 is less than the minimum of 1")
+    fails({"sources": ["online"], "batch_size": 256, "online": {"queue_size": 128}},
+          r"^config key 'byol.online.queue_size': 128 is smaller than the batch \(256\)")
+    fails({"sources": ["online"], "online": {"queue_size": 300, "k": 300}},
+          r"^config key 'byol.online.k': 300 needs a queue of more than 300")
+    fails({"sources": ["online"], "filter": {"mutual": True}},
+          r"^config key 'byol.filter.mutual': online neighbours change every step")
+    fails({"sources": ["online"], "variants": ["topk"], "topk": {"k": 9}},
+          r"^config key 'byol.topk.k': 9 needs 8 neighbours per image, but byol.online.k is 5")
+    fails({"sources": []}, r"^config key 'byol.sources'")
+    # Online alone needs no latent space.
+    validate_config({"latent": {"models": []}, "byol": {"sources": ["online"]}})
+
+
+def test_check_data_rejects_a_queue_larger_than_the_training_set(tmp_path, data):
+    from pipeline.prepare import check_data
+
+    with pytest.raises(PipelineError, match=r"^config key 'byol.online.queue_size': 41 is "
+                                            r"larger than the 40 training images in "):
+        check_data(data, tmp_path / "ok.json", 3, 41)
+    assert check_data(data, tmp_path / "ok.json", 3, 40)["n_training"] == 40
+
+
+# ------------------------------------------------------------------- refresh
+
+
+def test_refresh_round_two_mines_round_one_features_with_exactly_the_training_ids(
+        tmp_path, data):
+    from pipeline.embed import embed
+    from pipeline.io import load_neighbours, load_prepared, read_latents, save_prepared
+    from pipeline.neighbours import NeighboursParams, find_neighbours
+
+    r1 = run(tmp_path, data, "r1", "probabilistic", write_table(tmp_path / "nb.parquet", IDS, [1]))
+    features = tmp_path / "r1" / "features.parquet"
+    embed(r1, data, features, "byol-probabilistic-x-cosine", "test", "cpu")
+    table = tmp_path / "r2" / "neighbours.parquet"
+    find_neighbours(NeighboursParams(k=3), features, data, "cosine", table,
+                    tmp_path / "r2" / "grid.png", "cpu")
+    feature_ids = read_latents(features)[0]
+    anchors, nbrs, _, _ = load_neighbours(table)
+    assert sorted(anchors.tolist()) == IDS.tolist()  # one row per training image
+    assert set(nbrs.ravel().tolist()) <= set(IDS.tolist()) and set(feature_ids) >= set(IDS)
+    r2 = run(tmp_path, data, "r2", "probabilistic", table)
+    assert not same_weights(weights(r1), weights(r2))
+
+    # Features of an encoder run on another data set: their ids are not this set's.
+    other = load_prepared(data)
+    other.ids = other.ids + 1000
+    save_prepared(tmp_path / "other.npz", other)
+    embed(r1, tmp_path / "other.npz", tmp_path / "other.parquet", "byol-x", "other", "cpu")
+    with pytest.raises(PipelineError, match=r"other\.parquet: ids do not match the prepared "
+                                            r"data set \(40 training ids missing, 52 ids unknown"):
+        find_neighbours(NeighboursParams(k=3), tmp_path / "other.parquet", data, "cosine",
+                        tmp_path / "bad.parquet", tmp_path / "bad.png", "cpu")
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_dag_chains_refresh_rounds_and_adds_online_runs(workflow):
+    from conftest import tiny_config
+
+    workflow.write_config(tiny_config(
+        latent={"models": ["ae"]}, neighbours={"metrics": ["cosine"]},
+        byol={"variants": ["baseline", "weighted"], "sources": ["latent", "online"],
+              "refresh_rounds": 3, "online": {"queue_size": 40}}))
+    out = workflow.run("--dry-run", "--printshellcmds", "results/linear_eval.csv").stdout
+    jobs = workflow.planned("results/linear_eval.csv")
+    assert jobs["byol_neighbours"] == 1 and jobs["byol_refresh"] == 2
+    assert jobs["byol_online"] == 1 and jobs["neighbours_refresh"] == 2 and jobs["embed"] == 2
+    R = "results/synthetic"
+    for rnd, prev in ((2, "weighted-ae-cosine"), (3, "weighted-ae-cosine-r2")):
+        assert (f"--source {R}/byol/{prev}/seed0/features.parquet --data {R}/data.npz "
+                f"--out {R}/neighbours/refresh/weighted-ae-cosine-r{rnd}/seed0/"
+                "neighbours.parquet") in out
+        assert (f"--neighbours {R}/neighbours/refresh/weighted-ae-cosine-r{rnd}/seed0/"
+                f"neighbours.parquet --out {R}/byol/weighted-ae-cosine-r{rnd}/seed0/"
+                "encoder.pt") in out
+    assert f"--online --data {R}/data.npz --out {R}/byol/weighted-online/seed0/encoder.pt" in out
+    assert "--queue-size 40" in out  # checked against the prepared data before training
