@@ -228,8 +228,8 @@ def _load_run(params: ByolParams, variant: str, seed: int, data: Path,
         title += f", {nb_meta.get('space', '?')} {nb_meta.get('metric', '?')} neighbours"
     fingerprint = _fingerprint(train.ids, train.images,
                                nb_table if nb_table is not None else np.zeros(0))
-    return _Run(train, nb_table, online, title, encoder_header(backbone, train.images, asdict(params),
-                                                       seed), fingerprint, _code_fingerprint())
+    header = encoder_header(backbone, train.images, asdict(params), seed)
+    return _Run(train, nb_table, online, title, header, fingerprint, _code_fingerprint())
 
 
 # --------------------------------------------------------------------------- one step

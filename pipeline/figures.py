@@ -17,7 +17,7 @@ from pipeline.plots import _pyplot, _save
 
 STAGE_COLOURS = {"pixels": "#888888", "latent": "#4c72b0", "byol": "#dd8452"}
 VERDICT_COLOURS = {"better than baseline": "#2a9d4b", "worse than baseline": "#c8382e"}
-FAMILY_CMAPS = {"probabilistic": "Blues", "weighted": "Oranges"}
+FAMILY_CMAPS = {"probabilistic": "Blues", "weighted": "Oranges", "topk": "Greens"}
 
 
 def _placeholder(path: str | Path, title: str, text: str) -> None:
@@ -166,8 +166,9 @@ def _run_of_history(path: Path) -> tuple[str, int]:
 
 
 def byol_histories(histories: list[str | Path], path: str | Path) -> None:
-    """Every BYOL run's history overlaid: loss, representation spread and neighbour use per
-    epoch; per configuration the mean over seeds, with the min-max band over seeds."""
+    """Every BYOL run's history overlaid: loss, representation spread, neighbour use and the
+    neighbours' label purity per epoch; per configuration the mean over seeds, with the
+    min-max band over seeds."""
     frames = []
     for p in histories:
         run, seed = _run_of_history(Path(p))
@@ -191,8 +192,10 @@ def byol_histories(histories: list[str | Path], path: str | Path) -> None:
         colours[r] = ("black" if cmap is None else
                       plt.get_cmap(cmap)(0.35 + 0.6 * seen[f] / max(count[f], 1)))
     panels = [("loss", "BYOL loss (0-8)"), ("spread", "spread (1 = isotropic)"),
-              ("neighbour_use", "neighbour use (share of views / weight)")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+              ("neighbour_use", "neighbour use (share of views / weight)"),
+              ("neighbour_purity", "neighbour purity (label agreement of pairs used)")]
+    df["neighbour_purity"] = pd.to_numeric(df["neighbour_purity"], errors="coerce")
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, (col, label) in zip(axes, panels, strict=True):
         for r in runs:
             g = df[df["run"] == r].groupby("epoch")[col]

@@ -31,13 +31,17 @@ def _single_thread(one_thread):
 
 @pytest.fixture
 def data(tmp_path):
+    return write_data(tmp_path / "data.npz")
+
+
+def write_data(path):
+    """40 training and 12 test 8x8 images of two classes (ids 100-151)."""
     rng = np.random.default_rng(0)
     n_train, n_test = 40, 12
     labels = np.arange(n_train + n_test) % 2
     images = rng.integers(0, 60, (n_train + n_test, 8, 8, 1)).astype(np.uint8)
     images[labels == 1, 2:6, 3:5] = 250  # class 1: a bright bar
     split = np.array(["train"] * n_train + ["test"] * n_test)
-    path = tmp_path / "data.npz"
     save_prepared(path, Prepared(images, labels.astype(np.int64), split,
                                  np.arange(100, 100 + n_train + n_test, dtype=np.int64),
                                  ["a", "b"]))

@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_byol import OFF, TINY, IndexViews, same_weights, streams, weights, write_data
 
 import pipeline.byol as byol
 import pipeline.byol_variants as variants
 from pipeline import PipelineError
 from pipeline.byol import ByolParams, train_byol
 from pipeline.byol_sources import FilterParams, OnlineParams, QueueSource, filter_table
-from test_byol import OFF, TINY, IndexViews, data, same_weights, streams, weights  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +33,11 @@ def write_table(path, ids, offsets, distances=None):
             pa.array(dist.ravel(), pa.float32()), k),
     }).replace_schema_metadata({"metric": "cosine", "k": str(k)}), path)
     return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_data(tmp_path / "data.npz")
 
 
 IDS = np.arange(100, 140, dtype=np.int64)  # the training ids of the data fixture

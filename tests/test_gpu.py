@@ -62,3 +62,29 @@ def test_latent_neighbours_and_byol_on_cuda(tiny):
     # Same weights on both devices: features agree up to bf16/TF32 rounding.
     rel = np.abs(gpu_feats - cpu_feats).max() / (np.abs(cpu_feats).max() + 1e-12)
     assert rel < 0.05
+
+
+def test_online_queue_on_cuda_finds_the_cpu_neighbours():
+    from pipeline.byol_sources import OnlineParams, QueueSource
+
+    z = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator()
+                                                  .manual_seed(0)), dim=-1)
+    found = {}
+    for dev in ("cpu", "cuda"):
+        q = QueueSource(64, 16, OnlineParams(queue_size=48, k=4), 1.0, torch.device(dev))
+        for start in range(0, 64, 16):
+            rows = torch.arange(start, start + 16, device=dev)
+            q.observe(rows, z[start:start + 16].to(dev))
+        found[dev] = q.lookup(torch.arange(64, device=dev)).cpu()
+    assert torch.equal(found["cpu"], found["cuda"])
+
+
+def test_online_neighbour_run_trains_on_cuda(tiny, tmp_path):
+    p = ByolParams(backbone="smallconv", epochs=2, batch_size=32, proj_dim=8, proj_hidden=16,
+                   p_neighbour=1.0)
+    p.online.queue_size, p.online.k = 64, 3
+    train_byol(p, "probabilistic", 0, tiny / "data.npz", None, tmp_path / "e.pt",
+               tmp_path / "s.pt", tmp_path / "h.csv", tmp_path / "l.png", "cuda",
+               online_neighbours=True)
+    assert torch.load(tmp_path / "e.pt", weights_only=True)["summary"]["device"].startswith(
+        "cuda")
