@@ -18,7 +18,7 @@ def _load(name):
 
 
 def test_bench_scripts_all_have_a_smoke_test():
-    tested = {"bench_byol", "bench_knn"}
+    tested = {"bench_byol", "bench_knn", "bench_neighbours"}
     assert {p.stem for p in BENCH.glob("bench_*.py")} == tested
 
 
@@ -49,3 +49,32 @@ def test_bench_byol_accuracy_smoke(capsys, one_thread):
             if line.startswith("  ")}
     assert set(rows) == {"untrained", "baseline", "probabilistic", "weighted", "topk"}
     assert all(0 < v <= 1 for v in rows.values())
+
+
+def test_bench_neighbours_reads_an_experiments_tables(tmp_path, capsys):
+    import pandas as pd
+
+    results = tmp_path / "results" / "mine"
+    results.mkdir(parents=True)
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("dataset: {name: digits}\n")  # the tag is the config file's stem
+    byol = {"dataset": "digits", "stage": "byol", "n_seeds": 3, "top1_std": 0.01,
+            "knn20_top1_mean": 0.5, "knn20_top1_std": 0.02}
+    pd.DataFrame([
+        {**byol, "run": "byol-baseline", "latent": None, "top1_mean": 0.6},
+        {**byol, "run": "byol-topk-ae-cosine-r2", "latent": "ae-r2", "top1_mean": 0.62,
+         "top1_diff": 0.02, "top1_diff_ci95_low": -0.01, "top1_diff_ci95_high": 0.05},
+        {"dataset": "digits", "run": "pixels", "stage": "pixels", "top1_mean": 0.4},
+    ]).to_csv(results / "summary.csv", index=False)
+    pd.DataFrame([{"run": r, "stage": "byol", "seed": s, "train_seconds": 10.0 * (s + 1),
+                   "neighbour_purity": p}
+                  for r, p in (("byol-baseline", ""), ("byol-topk-ae-cosine-r2", 0.8))
+                  for s in range(3)]).to_csv(results / "linear_eval.csv", index=False)
+    assert _load("bench_neighbours").main(["--configfile", str(cfg), "--root",
+                                           str(tmp_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("baseline", "topk"))}
+    assert set(rows) == {"baseline", "topk-ae-cosine-r2"}
+    assert "0.620 +- 0.010" in rows["topk-ae-cosine-r2"]
+    assert "+0.020 [-0.010, +0.050]" in rows["topk-ae-cosine-r2"]
+    assert rows["topk-ae-cosine-r2"].split()[-2:] == ["0.800", "20"]
