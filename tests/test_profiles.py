@@ -14,8 +14,10 @@ PROFILES = ROOT / "workflow" / "profiles"
 RULES = ROOT / "workflow" / "rules"
 # Stages that run on a GPU when there is one; every other rule is CPU-only.
 GPU_RULES = {"train_latent", "export_latents", "neighbours", "byol_baseline", "byol_neighbours",
-             "evaluate_byol", "embed"}
-OPT_IN = {"embed"}  # rules that no default target asks for
+             "evaluate_byol", "embed", "byol_online", "byol_refresh", "neighbours_refresh"}
+# Rules that the tiny grid never runs: embed (an opt-in target), and the online and refresh
+# sources (byol.sources / byol.refresh_rounds).
+OPT_IN = {"embed", "byol_online", "byol_refresh", "neighbours_refresh"}
 
 
 def load_profile(name: str) -> dict:
@@ -23,12 +25,18 @@ def load_profile(name: str) -> dict:
 
 
 def rule_blocks() -> dict[str, str]:
-    """Rule name -> its source text, from every workflow/rules/*.smk file."""
-    blocks = {}
+    """Rule name -> its source text, from every workflow/rules/*.smk file; a rule derived with
+    `use rule A as B with:` gets A's text followed by its own changes."""
+    blocks, derived = {}, {}
     for smk in sorted(RULES.glob("*.smk")):
-        parts = re.split(r"^rule (\w+):\n", smk.read_text(), flags=re.M)
+        text = smk.read_text()
+        parts = re.split(r"^rule (\w+):\n", text, flags=re.M)
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             blocks[name] = body.split("\n\n\n")[0]
+        for parent, name in re.findall(r"^use rule (\w+) as (\w+) with:$", text, flags=re.M):
+            derived[name] = parent
+    for name, parent in derived.items():
+        blocks[name] = blocks[parent]
     return blocks
 
 
