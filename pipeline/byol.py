@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -458,6 +459,7 @@ def _matching_state(state: Path, params: ByolParams, variant: str, seed: int,
 def train_byol(
     params: ByolParams, variant: str, seed: int, data: Path, neighbours: Path | None, out: Path,
     state: Path, history: Path, loss_plot: Path, device: str, online_neighbours: bool = False,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Train one BYOL encoder and save it to ``out``.
 
@@ -476,6 +478,8 @@ def train_byol(
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         online_neighbours: neighbours from a queue of earlier steps' target projections
             (:class:`pipeline.byol_sources.QueueSource`) instead of a file.
+        on_epoch: called after every epoch with its number (from 1) and the online encoder,
+            outside the timed epoch (benchmarks probe accuracy during training with it).
     """
     from pipeline.device import describe, resolve_device
 
@@ -552,6 +556,8 @@ def train_byol(
         row, rng = _epoch(loop, epoch, dev)
         rows.append(row)
         log.info(_epoch_line(row, params.epochs, time.time() - started, epoch + 1 - start_epoch))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, online.encoder)
         if (epoch + 1) % params.checkpoint_every == 0 and epoch + 1 < params.epochs:
             if cuda:
                 rng["cuda"] = torch.cuda.get_rng_state(dev)

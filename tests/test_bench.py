@@ -18,7 +18,7 @@ def _load(name):
 
 
 def test_bench_scripts_all_have_a_smoke_test():
-    tested = {"bench_byol", "bench_knn", "bench_neighbours"}
+    tested = {"bench_byol", "bench_knn", "bench_neighbours", "bench_lightly"}
     assert {p.stem for p in BENCH.glob("bench_*.py")} == tested
 
 
@@ -78,3 +78,36 @@ def test_bench_neighbours_reads_an_experiments_tables(tmp_path, capsys):
     assert "0.620 +- 0.010" in rows["topk-ae-cosine-r2"]
     assert "+0.020 [-0.010, +0.050]" in rows["topk-ae-cosine-r2"]
     assert rows["topk-ae-cosine-r2"].split()[-2:] == ["0.800", "20"]
+
+
+LIGHTLY_TINY = ["--epochs", "2", "--probe-every", "1", "--threads", "1", "--workers", "0",
+                "--max-train", "200"]
+
+
+def _arm_rows(out):
+    return {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith(("ours ", "lightly "))}
+
+
+def test_bench_lightly_our_arm_runs_without_lightly(capsys, one_thread):
+    assert _load("bench_lightly").main([*LIGHTLY_TINY, "--arms", "ours"]) == 0
+    row = _arm_rows(capsys.readouterr().out)["ours"]
+    assert float(row[1]) > 0 and 0.3 < float(row[4]) <= 1.0  # img/s, top-1 on digits
+    assert row[6:] == [f"1:{float(row[6][2:]):.3f}", f"2:{float(row[4]):.3f}"]
+
+
+def test_bench_lightly_says_how_to_install_lightly(monkeypatch, one_thread):
+    from pipeline import PipelineError
+
+    monkeypatch.setitem(sys.modules, "lightly", None)  # import lightly -> ImportError
+    with pytest.raises(PipelineError, match=r'^the lightly arm needs lightly: pip install -e '
+                                            r'"\.\[cpu,peer\]"$'):
+        _load("bench_lightly").main([*LIGHTLY_TINY, "--arms", "lightly"])
+
+
+def test_bench_lightly_both_arms(capsys, one_thread):
+    pytest.importorskip("lightly", reason="optional peer benchmark: pip install -e .[cpu,peer]")
+    assert _load("bench_lightly").main(LIGHTLY_TINY) == 0
+    out = capsys.readouterr().out
+    assert set(_arm_rows(out)) == {"ours", "lightly"}
+    assert "ours/lightly images/s:" in out
