@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Snakemake loads the local profile from profiles/default (a link to workflow/profiles/default).
 SMK := $(BIN)/snakemake
 
-.PHONY: install run test lint report bench clean
+.PHONY: install run test lint report bench bench-peer clean
 install: $(VENV)/.installed-$(EXTRAS)
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
@@ -31,6 +31,12 @@ lint: install
 report: install
 	$(SMK) --cores $(CORES) results/linear_eval.csv
 	$(SMK) --report results/digits/report.html
+
+# The side-by-side against lightly: the optional `peer` extra, never needed by run or test.
+bench-peer: install
+	$(BIN)/python -c "import lightly" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS),peer]"
+	$(BIN)/python bench/bench_lightly.py --epochs 20 --threads 2
 
 clean:
 	rm -rf results .snakemake

@@ -32,6 +32,7 @@ from pipeline.byol import byol_step  # noqa: E402
 from pipeline.byol_model import Online, Target  # noqa: E402
 from pipeline.byol_optim import make_optimizer  # noqa: E402
 from pipeline.byol_variants import VARIANTS, Batch  # noqa: E402
+from pipeline.device import LAYOUT  # noqa: E402
 
 
 def _sync(dev):
@@ -39,13 +40,13 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _model(backbone, channels, size, dev):
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def _model(backbone, channels, size, dev, layout):
     torch.manual_seed(0)
-    online = Online(build_backbone(backbone, channels, size), 256, 64).to(dev)
-    target = Target(online).to(dev)
-    if dev.type == "cuda":
-        online.to(memory_format=torch.channels_last)
-        target.to(memory_format=torch.channels_last)
+    online = Online(build_backbone(backbone, channels, size), 256, 64).to(dev, memory_format=layout)
+    target = Target(online).to(dev, memory_format=layout)
     opt = make_optimizer("lars" if backbone.startswith("resnet") else "adamw", online, 0.01, 1e-6)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     return online, target, opt, autocast
@@ -87,20 +88,19 @@ class _TwoViews(torch.utils.data.Dataset):
         return self.tf(x), self.tf(x)
 
 
-def bench_case(backbone, channels, size, args, dev):
-    """Images/s of (a), (b), (c) for one backbone and image size."""
+def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
+    """Images/s of (a), (b), (c) for one backbone and image size, models and batches in
+    ``layout`` (the pipeline's own by default)."""
     n = max(args.batch_size * 4, 2048)
     rng = np.random.default_rng(0)
     images_np = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-    online, target, opt, autocast = _model(backbone, channels, size, dev)
+    online, target, opt, autocast = _model(backbone, channels, size, dev, layout)
     aug = AugmentParams(blur_prob=0.0, solarize_prob=0.0)
     mean = torch.full((channels,), 0.5, device=dev)
     std = torch.full((channels,), 0.25, device=dev)
-    cl = dev.type == "cuda"
 
     def prep(x):
-        x = normalise(x, mean, std)
-        return x.contiguous(memory_format=torch.channels_last) if cl else x
+        return normalise(x, mean, std).contiguous(memory_format=layout)
 
     images = torch.from_numpy(images_np).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -207,6 +207,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cases", nargs="+", default=["resnet18_cifar:32"],
                     help="backbone:side[:channels] pairs, e.g. resnet18_cifar:32 smallconv:8:1")
+    ap.add_argument("--layouts", nargs="+", default=["channels_last"], choices=list(LAYOUTS),
+                    help="memory layouts of model and batches, side by side (the pipeline "
+                         "uses channels_last)")
     ap.add_argument("--accuracy", action="store_true", help="digits linear top-1 instead")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -228,14 +231,19 @@ def main(argv=None):
     if args.accuracy:
         accuracy(args)
         return
-    print(f"{'case':<22}{'(a) e2e':>12}{'(b) model':>12}{'(c) cpu':>12}{'a/b':>8}{'a/c':>8}")
+    print(f"{'case':<22}{'layout':<15}{'(a) e2e':>10}{'(b) model':>10}{'(c) cpu':>10}"
+          f"{'a/b':>7}{'a/c':>7}{'a/a[0]':>8}")
     for case in args.cases:
         parts = case.split(":")
         backbone, size = parts[0], int(parts[1])
         channels = int(parts[2]) if len(parts) > 2 else (3 if backbone.startswith("resnet") else 1)
-        r = bench_case(backbone, channels, size, args, dev)
-        print(f"{case:<22}{r['a']:>12.0f}{r['b']:>12.0f}{r['c']:>12.0f}"
-              f"{r['a'] / r['b']:>8.2f}{r['a'] / r['c']:>8.2f}", flush=True)
+        first = None
+        for name in args.layouts:
+            r = bench_case(backbone, channels, size, args, dev, LAYOUTS[name])
+            first = first or r["a"]
+            print(f"{case:<22}{name:<15}{r['a']:>10.0f}{r['b']:>10.0f}{r['c']:>10.0f}"
+                  f"{r['a'] / r['b']:>7.2f}{r['a'] / r['c']:>7.2f}{r['a'] / first:>8.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -481,7 +481,7 @@ def train_byol(
         on_epoch: called after every epoch with its number (from 1) and the online encoder,
             outside the timed epoch (benchmarks probe accuracy during training with it).
     """
-    from pipeline.device import describe, resolve_device
+    from pipeline.device import LAYOUT, describe, resolve_device
 
     _setup_logging()
     out, state, history, loss_plot = Path(out), Path(state), Path(history), Path(loss_plot)
@@ -499,11 +499,8 @@ def train_byol(
     online, target = init_models(header["backbone"], params.proj_hidden, params.proj_dim, seed,
                                  channels, size)
     cuda = dev.type == "cuda"
-    online.to(dev)
-    target.to(dev)
-    if cuda:
-        online.to(memory_format=torch.channels_last)
-        target.to(memory_format=torch.channels_last)
+    online.to(dev, memory_format=LAYOUT)
+    target.to(dev, memory_format=LAYOUT)
     optimizer = make_optimizer(params.optimizer, online, params.lr, params.weight_decay,
                                params.lars_eta, params.wd_exclude_bias_norm,
                                params.lars_exclude_bias_norm)
@@ -521,8 +518,7 @@ def train_byol(
     mean_t, std_t = header["mean"].to(dev), header["std"].to(dev)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = normalise(x, mean_t, std_t)
-        return x.contiguous(memory_format=torch.channels_last) if cuda else x
+        return normalise(x, mean_t, std_t).contiguous(memory_format=LAYOUT)
 
     source = None
     if run.nb_table is not None:

@@ -103,10 +103,11 @@ def encode_images(
         features (N, D) float32 (encoder output, no projector, no augmentation) and a dict of
         scalars/strings (epochs, train_seconds, device, final_loss, backbone, variant, ...).
     """
-    from pipeline.device import resolve_device
+    from pipeline.device import LAYOUT, resolve_device
 
     dev = resolve_device(device)
     encoder, ck = load_encoder(path, str(dev))
+    encoder.to(memory_format=LAYOUT)
     _, h, _, c = images.shape
     if c != ck["in_channels"] or h != ck["image_size"]:
         raise PipelineError(f"{path} was trained on {ck['image_size']} px images with "
@@ -115,7 +116,8 @@ def encode_images(
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev)
-        out.append(encoder(normalise(to_float(x), mean, std)).float().cpu())
+        x = normalise(to_float(x), mean, std).contiguous(memory_format=LAYOUT)
+        out.append(encoder(x).float().cpu())
     feats = torch.cat(out).numpy() if out else np.zeros((0, encoder.out_dim), np.float32)
     summary = {k: v for k, v in ck["summary"].items() if isinstance(v, (int, float, str, bool))}
     summary.update(backbone=ck["backbone"], variant=ck["variant"])

@@ -35,6 +35,13 @@ def set_threads(threads: int | None) -> None:
         sys.modules["faiss"].omp_set_num_threads(threads)
 
 
+# Convolutional models and their image batches use the channels-last (NHWC) layout on every
+# device: tensor cores want it on CUDA, and oneDNN's NHWC kernels on CPU made a BYOL step fed
+# by augmented views 1.3-1.6x faster end to end (bench/bench_byol.py --layouts, see
+# docs/BENCHMARKS.md); NCHW views against NHWC-strided weights were the slow mix.
+LAYOUT = torch.channels_last
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a CPU generator for explicit draws."""
     random.seed(seed)

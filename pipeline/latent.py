@@ -15,7 +15,7 @@ import torch
 
 from pipeline import PipelineError
 from pipeline.config import check_fields
-from pipeline.device import describe, resolve_device, seed_everything
+from pipeline.device import LAYOUT, describe, resolve_device, seed_everything
 from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
 from pipeline.latent_health import (
     MIN_STEPS,
@@ -165,7 +165,7 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
     gen = seed_everything(params.seed)
     image_shape = tuple(int(s) for s in prepared.images.shape[1:])
     net = build_model(model, image_shape, params.dim, params.width, len(rows),
-                      asdict(params)).to(dev)
+                      asdict(params)).to(dev, memory_format=LAYOUT)
     # the whole training set lives on the device as uint8; batches are indexed from it
     images = torch.from_numpy(prepared.images[rows]).to(dev)
     n = len(rows)
@@ -281,7 +281,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[torch.nn.Module, 
     net = build_model(state["model"], state["image_shape"], p.dim, p.width,
                       len(state["train_ids"]), asdict(p))
     net.load_state_dict(state["state_dict"])
-    return net.to(device).eval(), state
+    return net.to(device, memory_format=LAYOUT).eval(), state
 
 
 def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.device

@@ -19,6 +19,8 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
     Returns:
         float32 (N, C, H, W) in [0, 1].
+
+    The result keeps the NHWC storage (channels-last strides), the layout the models run in.
     """
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 

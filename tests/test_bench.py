@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -34,10 +35,13 @@ def test_bench_knn_smoke(capsys, one_thread):
 
 def test_bench_byol_throughput_smoke(capsys, one_thread):
     _load("bench_byol").main(["--device", "cpu", "--batch-size", "8", "--steps", "1",
-                              "--warmup", "1", "--workers", "0", "--cases", "smallconv:8:1"])
-    row = [line.split() for line in capsys.readouterr().out.splitlines()
-           if line.startswith("smallconv:8:1")]
-    assert len(row) == 1 and all(float(v) > 0 for v in row[0][1:])
+                              "--warmup", "1", "--workers", "0", "--cases", "smallconv:8:1",
+                              "--layouts", "channels_last", "contiguous"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("smallconv:8:1")]
+    assert [r[1] for r in rows] == ["channels_last", "contiguous"]
+    assert all(float(v) > 0 for r in rows for v in r[2:])
+    assert rows[0][-1] == "1.00"  # each layout's e2e against the first one's
 
 
 @pytest.mark.slow
@@ -94,6 +98,19 @@ def test_bench_lightly_our_arm_runs_without_lightly(capsys, one_thread):
     row = _arm_rows(capsys.readouterr().out)["ours"]
     assert float(row[1]) > 0 and 0.3 < float(row[4]) <= 1.0  # img/s, top-1 on digits
     assert row[6:] == [f"1:{float(row[6][2:]):.3f}", f"2:{float(row[4]):.3f}"]
+
+
+def test_bench_lightly_reads_an_npz_with_the_pipelines_reader(tmp_path, capsys, one_thread):
+    x = np.random.default_rng(0).integers(0, 256, (60, 8, 8), dtype=np.uint8)
+    y = np.arange(60) % 3
+    np.savez(tmp_path / "tiny.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:],
+             y_test=y[40:])
+    assert _load("bench_lightly").main([
+        "--npz", str(tmp_path / "tiny.npz"), "--batch-size", "16", "--epochs", "1",
+        "--probe-every", "1", "--threads", "1", "--workers", "0", "--arms", "ours"]) == 0
+    out = capsys.readouterr().out
+    assert "40 training images 8x8x1" in out
+    assert _arm_rows(out)["ours"][6].startswith("1:")
 
 
 def test_bench_lightly_says_how_to_install_lightly(monkeypatch, one_thread):
