@@ -1,15 +1,16 @@
 """Latent-model throughput per layout, and what the auto-decoder's test-code inference costs.
 
     .venv/bin/python bench/bench_latent.py --threads 1 --size 28 --layouts channels_last contiguous
-    .venv/bin/python bench/bench_latent.py --threads 1 --infer-steps 100 50 20   # + inference
+    .venv/bin/python bench/bench_latent.py --threads 1 --infer-steps 100 20 10 0  # + inference
 
 (1) Training: images/s of one optimiser step of each latent model (``net.loss``, backward,
 Adam) on random uint8 images of the given size, for each memory layout side by side (the
 pipeline uses ``pipeline.device.LAYOUT``), with the floating-point rate the step reaches
 (FLOPs counted by torch's FlopCounterMode). (2) With ``--infer-steps``: the auto-decoder is
 trained on digits with the default latent params, then the codes of the test images are
-inferred with each step count; printed are the inference's wall time in training epochs
-(of the same run, same process) and the test images' reconstruction MSE.
+inferred from each start (``ridge``: :class:`pipeline.latent_models.RidgeStart`; ``zero``:
+the prior mean) with each step count; printed are the inference's wall time in training
+epochs (of the same run, same process) and the test images' reconstruction MSE.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.latent_models import LATENT_MODELS, build_model, to_model_input  # noqa: E402
+from pipeline.latent_models import (  # noqa: E402
+    LATENT_MODELS,
+    RidgeStart,
+    build_model,
+    to_model_input,
+)
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -75,17 +81,24 @@ def inference_cost(args: argparse.Namespace) -> None:
         net, state = load_checkpoint(work / "ad.pt", torch.device("cpu"))
     epoch = min(h["seconds"] for h in state["history"])
     x = to_model_input(torch.from_numpy(data.images[data.split == "test"]))
-    print(f"auto-decoder on digits, {params.epochs} epochs of {len(state['train_ids'])} "
-          f"images (fastest epoch {epoch:.3f} s); inference of {len(x)} test codes, "
-          f"Adam lr {params.infer_lr}:")
-    print(f"{'steps':>6}{'seconds':>10}{'epochs':>8}{'test MSE':>10}")
-    for steps in args.infer_steps:
-        t0 = time.perf_counter()
-        z = net.infer(x, steps, params.infer_lr)
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            mse = mse_per_image(net.decoder(z), x).mean().item()
-        print(f"{steps:>6}{seconds:>10.3f}{seconds / epoch:>8.2f}{mse:>10.5f}", flush=True)
+    position = {int(i): r for r, i in enumerate(state["train_ids"].tolist())}
+    train = torch.from_numpy(data.images[[int(i) in position for i in data.ids]])
+    codes = net.codes.weight.detach()[[position[int(i)] for i in data.ids
+                                        if int(i) in position]]
+    print(f"auto-decoder on digits, {params.epochs} epochs of {len(train)} images (fastest "
+          f"epoch {epoch:.3f} s); inference of {len(x)} test codes, Adam lr "
+          f"{params.infer_lr}; seconds include the ridge fit:")
+    print(f"{'start':<7}{'steps':>6}{'seconds':>10}{'epochs':>8}{'test MSE':>10}")
+    for start in args.infer_starts:
+        for steps in args.infer_steps:
+            t0 = time.perf_counter()
+            z0 = RidgeStart(train, codes)(x) if start == "ridge" else None
+            z = net.infer(x, steps, params.infer_lr, z0)
+            seconds = time.perf_counter() - t0
+            with torch.no_grad():
+                mse = mse_per_image(net.decoder(z), x).mean().item()
+            print(f"{start:<7}{steps:>6}{seconds:>10.3f}{seconds / epoch:>8.2f}{mse:>10.5f}",
+                  flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--infer-steps", type=int, nargs="*", default=[],
                     help="(2): auto-decoder inference step counts to time on digits")
+    ap.add_argument("--infer-starts", nargs="+", default=["ridge", "zero"],
+                    choices=["ridge", "zero"], help="(2): where inference starts")
     ap.add_argument("--epochs", type=int, default=30, help="(2): auto-decoder training epochs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -25,7 +25,13 @@ from pipeline.latent_health import (
     mean_image,
     spread,
 )
-from pipeline.latent_models import AutoDecoder, build_model, check_model, to_model_input
+from pipeline.latent_models import (
+    AutoDecoder,
+    RidgeStart,
+    build_model,
+    check_model,
+    to_model_input,
+)
 
 ENCODE_BATCH = 1024
 RECON_SHOWN = 10
@@ -43,8 +49,9 @@ class LatentParams:
     prior_weight: float = 1e-4
     code_lr: float = 0.01
     code_init_std: float = 0.01
-    infer_steps: int = 100
+    infer_steps: int = 20
     infer_lr: float = 0.01
+    infer_start: str = "ridge"
     # vae
     beta: float = 1.0
     # runtime only (not a cache key): what a detected collapse does
@@ -302,13 +309,18 @@ def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.devi
                 f"prepared data holds {known.sum()} of the {len(position)} images the "
                 "auto-decoder was trained on; re-train it on this data set"
             )
-        codes = net.codes.weight.detach().cpu().numpy()
-        out[known] = codes[[position[int(i)] for i in data.ids[known]]]
+        codes = net.codes.weight.detach()
+        order = [position[int(i)] for i in data.ids[known]]
+        out[known] = codes.cpu().numpy()[order]
         todo = np.flatnonzero(~known)
+        start = None
+        if len(todo) and p.infer_start == "ridge":
+            start = RidgeStart(torch.from_numpy(data.images[known]).to(device), codes[order])
         for s in range(0, len(todo), ENCODE_BATCH):
             rows = todo[s:s + ENCODE_BATCH]
             x = to_model_input(torch.from_numpy(data.images[rows]).to(device))
-            out[rows] = net.infer(x, p.infer_steps, p.infer_lr).cpu().numpy()
+            z0 = None if start is None else start(x)
+            out[rows] = net.infer(x, p.infer_steps, p.infer_lr, z0).cpu().numpy()
         return out
     with torch.no_grad():
         for s in range(0, len(data.ids), ENCODE_BATCH):

@@ -20,6 +20,7 @@ from pipeline.latent_models import (
     LATENT_MODELS,
     VAE,
     AutoEncoder,
+    RidgeStart,
     build_model,
     kl_divergence,
     level_sizes,
@@ -155,6 +156,42 @@ def test_autodecoder_inference_lowers_reconstruction_error(trained, data_path):
         after = mse_per_image(net.decoder(z), x).mean().item()
     assert after < 0.8 * start, (start, after)
     assert all(p.requires_grad for p in net.decoder.parameters())  # unfrozen afterwards
+
+
+def test_ridge_start_recovers_a_linear_code_map_and_pools_large_images():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 4, 4, 1), dtype=torch.uint8, generator=g)
+    codes = to_model_input(images).flatten(1) @ torch.randn(16, 3, generator=g) + 0.5
+    start = RidgeStart(images[:150], codes[:150], alpha=1e-9, batch=64)  # chunked sums
+    np.testing.assert_allclose(start(to_model_input(images[150:])), codes[150:], atol=1e-4)
+    assert start(to_model_input(images[:1])).dtype == torch.float32
+    # 64x64x3 = 12,288 values: average-pooled to 32x32 per channel before the fit
+    assert RidgeStart.features(torch.rand(2, 3, 64, 64)).shape == (2, 3 * 32 * 32)
+    assert RidgeStart.features(torch.rand(2, 1, 8, 8)).shape == (2, 64)
+
+
+def test_autodecoder_export_starts_inference_at_the_ridge_map(trained, data_path):
+    net, state = load_checkpoint(trained["autodecoder"] / "model.pt", torch.device("cpu"))
+    data = load_prepared(data_path)
+    row = {i: r for r, i in enumerate(state["train_ids"].tolist())}
+    train = np.array([int(i) in row for i in data.ids])
+    codes = net.codes.weight.detach()[[row[int(i)] for i in data.ids[train]]]
+    start = RidgeStart(torch.from_numpy(data.images[train]), codes)
+    x = to_model_input(torch.from_numpy(data.images[~train]))
+    # with 0 steps the export writes the start itself
+    state["params"].update(infer_steps=0, infer_start="ridge")
+    np.testing.assert_allclose(encode(net, state, data, torch.device("cpu"))[~train],
+                               start(x).numpy(), rtol=1e-5, atol=1e-6)
+    state["params"].update(infer_start="zero")
+    assert not encode(net, state, data, torch.device("cpu"))[~train].any()
+    # from the ridge start, a few steps reconstruct the test images better than from zero
+
+    def mse(z):
+        with torch.no_grad():
+            return mse_per_image(net.decoder(z), x).mean().item()
+
+    for steps in (0, 5):
+        assert mse(net.infer(x, steps, 0.01, start(x))) < mse(net.infer(x, steps, 0.01))
 
 
 def test_parquet_schema_rows_and_metadata(trained, data_path):
