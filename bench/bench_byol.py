@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,6 +120,13 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
         byol_step(online, online, target, opt, fixed, autocast, 0.99)
 
     res = {}
+    if args.e2e_only:  # one process of a --placements run: when its timed steps ran
+        for _ in range(args.warmup):
+            e2e()
+        start = time.time()
+        for _ in range(args.steps):
+            e2e()
+        return {"start": start, "end": time.time()}
     res["a"] = args.steps * bsz / _timed(e2e, args.steps, args.warmup, dev)
     res["b"] = args.steps * bsz / _timed(model_only, args.steps, args.warmup, dev)
 
@@ -140,6 +148,33 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
 
     res["c"] = args.steps * bsz / _timed(cpu_recipe, args.steps, args.warmup, dev)
     return res
+
+
+def parse_case(case: str) -> tuple[str, int, int]:
+    """``backbone:side[:channels]`` -> (backbone, side, channels; 3 for ResNets, else 1)."""
+    parts = case.split(":")
+    backbone, size = parts[0], int(parts[1])
+    return backbone, size, int(parts[2]) if len(parts) > 2 else (
+        3 if backbone.startswith("resnet") else 1)
+
+
+def placement(case: str, spec: str, args) -> float:
+    """Aggregate end-to-end images/s of ``P`` processes of ``T`` threads each (``spec`` PxT),
+    running at once: how the DAG's concurrent single-threaded jobs compare with fewer, wider
+    ones on the same cores."""
+    procs, threads = (int(v) for v in spec.split("x"))
+    cmd = [sys.executable, __file__, "--device", "cpu", "--threads", str(threads),
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
+           str(args.warmup), "--cases", case, "--e2e-only"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    spans = []
+    for run in runs:
+        out, _ = run.communicate()
+        if run.returncode:
+            raise SystemExit(f"placement {spec}: a worker failed ({' '.join(cmd)})")
+        spans.append(json.loads(out.splitlines()[-1]))
+    wall = max(s["end"] for s in spans) - min(s["start"] for s in spans)
+    return procs * args.steps * args.batch_size / wall
 
 
 def accuracy(args):
@@ -210,6 +245,10 @@ def main(argv=None):
     ap.add_argument("--layouts", nargs="+", default=["channels_last"], choices=list(LAYOUTS),
                     help="memory layouts of model and batches, side by side (the pipeline "
                          "uses channels_last)")
+    ap.add_argument("--placements", nargs="+", default=[],
+                    help="PxT: P processes of T threads each at once, (a) only, aggregate "
+                         "img/s (e.g. 1x2 2x1 4x1 8x1)")
+    ap.add_argument("--e2e-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--accuracy", action="store_true", help="digits linear top-1 instead")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -231,12 +270,24 @@ def main(argv=None):
     if args.accuracy:
         accuracy(args)
         return
+    if args.e2e_only:
+        backbone, size, channels = parse_case(args.cases[0])
+        print(json.dumps(bench_case(backbone, channels, size, args, dev)))
+        return
+    if args.placements:
+        print(f"{'case':<22}{'placement':<12}{'img/s':>10}{'x first':>9}  (end to end, all "
+              "processes together)")
+        for case in args.cases:
+            first = None
+            for spec in args.placements:
+                rate = placement(case, spec, args)
+                first = first or rate
+                print(f"{case:<22}{spec:<12}{rate:>10.0f}{rate / first:>9.2f}", flush=True)
+        return
     print(f"{'case':<22}{'layout':<15}{'(a) e2e':>10}{'(b) model':>10}{'(c) cpu':>10}"
           f"{'a/b':>7}{'a/c':>7}{'a/a[0]':>8}")
     for case in args.cases:
-        parts = case.split(":")
-        backbone, size = parts[0], int(parts[1])
-        channels = int(parts[2]) if len(parts) > 2 else (3 if backbone.startswith("resnet") else 1)
+        backbone, size, channels = parse_case(case)
         first = None
         for name in args.layouts:
             r = bench_case(backbone, channels, size, args, dev, LAYOUTS[name])

@@ -61,6 +61,16 @@ def test_bench_latent_smoke(capsys, one_thread):
     assert infer["zero", 3][2] < infer["zero", 0][2]  # and fit the test images worse
 
 
+def test_bench_byol_placements_smoke(capsys):
+    _load("bench_byol").main(["--device", "cpu", "--batch-size", "8", "--steps", "2",
+                              "--warmup", "1", "--cases", "smallconv:8:1",
+                              "--placements", "1x1", "2x1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("smallconv:8:1")]
+    assert [r[1] for r in rows] == ["1x1", "2x1"]
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == "1.00"
+
+
 @pytest.mark.slow
 def test_bench_byol_accuracy_smoke(capsys, one_thread):
     _load("bench_byol").main(["--device", "cpu", "--accuracy", "--epochs", "1",
