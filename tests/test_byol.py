@@ -435,6 +435,28 @@ def test_encode_checkpoint_features_and_flat_summary(tmp_path, data, neighbours)
     np.testing.assert_allclose(feats, again, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name, channels, size", [("smallconv", 1, 8), ("smallconv", 3, 32),
+                                                   ("resnet18_cifar", 3, 8)])
+def test_channels_last_layout_changes_speed_not_results(name, channels, size):
+    """The pipeline runs every model in LAYOUT (channels-last); the maths must not move."""
+    from pipeline.device import LAYOUT
+
+    torch.manual_seed(0)
+    online = Online(build_backbone(name, channels, size), 16, 8)
+    wide = Online(build_backbone(name, channels, size), 16, 8)
+    wide.load_state_dict(online.state_dict())
+    wide.to(memory_format=LAYOUT)
+    x = torch.randn(6, channels, size, size)
+    results = []
+    for net, batch in ((online, x), (wide, x.contiguous(memory_format=LAYOUT))):
+        h, p = net(batch)
+        p.square().sum().backward()
+        results.append((h, p, net.encoder.parameters().__next__().grad))
+    assert wide.encoder.parameters().__next__().is_contiguous(memory_format=LAYOUT)
+    for a, b in zip(*results, strict=True):  # equal up to fp32 summation order
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * a.abs().max().item())
+
+
 def test_untrained_writes_only_the_seeded_initial_encoder(tmp_path, data, monkeypatch):
     d = tmp_path / "u"
     for name in ("a", "b"):
