@@ -7,8 +7,10 @@
 
 (a) end to end: uint8 data resident on the device, per-sample augmentation there, BYOL step;
 (b) model only: the same step on one batch already on the device (no augmentation);
-(c) CPU recipe: torchvision.transforms.v2 per sample in DataLoader workers, then the same step.
-Ratios a/b (goal >= 0.9 on a GPU) and a/c (goal >= 3 on a GPU) are printed per case.
+(c) CPU recipe: torchvision.transforms.v2 per sample in DataLoader workers, then the same step;
+``loader``: those workers alone, no step (the ceiling of (c)). Both paths draw the pipeline's
+default views (BYOL's asymmetric blur/solarisation). Ratios a/b and a/c are printed per case;
+``--layouts`` and ``--precisions`` put memory layouts and ``byol.precision`` side by side.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.augment import AugmentParams, augment, normalise, to_float  # noqa: E402
 from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.byol import byol_step  # noqa: E402
+from pipeline.byol import ByolParams, autocast_for, byol_step  # noqa: E402
 from pipeline.byol_model import Online, Target  # noqa: E402
 from pipeline.byol_optim import make_optimizer  # noqa: E402
 from pipeline.byol_variants import VARIANTS, Batch  # noqa: E402
@@ -42,15 +44,15 @@ def _sync(dev):
 
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+PRECISIONS = ["auto", "fp32", "bf16"]
 
 
-def _model(backbone, channels, size, dev, layout):
+def _model(backbone, channels, size, dev, layout, precision):
     torch.manual_seed(0)
     online = Online(build_backbone(backbone, channels, size), 256, 64).to(dev, memory_format=layout)
     target = Target(online).to(dev, memory_format=layout)
     opt = make_optimizer("lars" if backbone.startswith("resnet") else "adamw", online, 0.01, 1e-6)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    return online, target, opt, autocast
+    return online, target, opt, autocast_for(precision, dev)
 
 
 def _timed(fn, steps, warmup, dev):
@@ -65,20 +67,29 @@ def _timed(fn, steps, warmup, dev):
 
 
 class _TwoViews(torch.utils.data.Dataset):
-    """The CPU recipe: two torchvision v2 views of one uint8 image per __getitem__."""
+    """The CPU recipe: torchvision v2 transforms per image, one pipeline per view, with the
+    same probabilities, blur kernel and sigma range as ``pipeline.augment``."""
 
-    def __init__(self, images: np.ndarray, p: AugmentParams):
+    def __init__(self, images: np.ndarray, p1: AugmentParams, p2: AugmentParams):
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW
+        self.tf = [self._recipe(images.shape[1], p) for p in (p1, p2)]
+
+    @staticmethod
+    def _recipe(size: int, p: AugmentParams):
         from torchvision.transforms import v2
 
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW
-        size = images.shape[1]
         s = p.jitter_strength
-        self.tf = v2.Compose([
+        kernel = max(3, int(0.1 * size) | 1)
+        scale = max(size / 224.0, 0.25)
+        return v2.Compose([
             v2.RandomResizedCrop(size, scale=(p.crop_min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(p.flip_prob),
             v2.RandomApply([v2.ColorJitter(s, s, s, s / 4)], p=p.jitter_prob),
             v2.RandomGrayscale(p.grayscale_prob),
             v2.ToDtype(torch.float32, scale=True),
+            v2.RandomApply([v2.GaussianBlur(kernel, (0.1 * scale, 2.0 * scale))],
+                           p=p.blur_prob),
+            v2.RandomSolarize(0.5, p=p.solarize_prob),
         ])
 
     def __len__(self):
@@ -86,17 +97,19 @@ class _TwoViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         x = self.images[i]
-        return self.tf(x), self.tf(x)
+        return self.tf[0](x), self.tf[1](x)
 
 
-def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
+def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="auto"):
     """Images/s of (a), (b), (c) for one backbone and image size, models and batches in
-    ``layout`` (the pipeline's own by default)."""
+    ``layout`` (the pipeline's own by default), the step in ``precision`` (``byol.precision``).
+    The views are the pipeline's default ones (BYOL's asymmetric blur and solarisation)."""
     n = max(args.batch_size * 4, 2048)
     rng = np.random.default_rng(0)
     images_np = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-    online, target, opt, autocast = _model(backbone, channels, size, dev, layout)
-    aug = AugmentParams(blur_prob=0.0, solarize_prob=0.0)
+    online, target, opt, autocast = _model(backbone, channels, size, dev, layout, precision)
+    views = ByolParams()
+    aug1, aug2 = views.view1, views.view2
     mean = torch.full((channels,), 0.5, device=dev)
     std = torch.full((channels,), 0.25, device=dev)
 
@@ -111,7 +124,7 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
         idx = torch.randint(n, (bsz,), generator=g, device=dev)
         with torch.no_grad():
             x = to_float(images[idx])
-            b = Batch(prep(augment(x, aug, g)), prep(augment(x, aug, g)))
+            b = Batch(prep(augment(x, aug1, g)), prep(augment(x, aug2, g)))
         byol_step(online, online, target, opt, b, autocast, 0.99)
 
     fixed = Batch(prep(to_float(images[:bsz])), prep(to_float(images[bsz:2 * bsz])))
@@ -131,7 +144,7 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
     res["b"] = args.steps * bsz / _timed(model_only, args.steps, args.warmup, dev)
 
     loader = torch.utils.data.DataLoader(
-        _TwoViews(images_np, aug), batch_size=bsz, shuffle=True, drop_last=True,
+        _TwoViews(images_np, aug1, aug2), batch_size=bsz, shuffle=True, drop_last=True,
         num_workers=args.workers, pin_memory=dev.type == "cuda",
         persistent_workers=args.workers > 0)
     batches = iter(loader)
@@ -147,6 +160,17 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT):
         byol_step(online, online, target, opt, b, autocast, 0.99)
 
     res["c"] = args.steps * bsz / _timed(cpu_recipe, args.steps, args.warmup, dev)
+
+    def loader_only():
+        nonlocal batches
+        try:
+            next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            next(batches)
+
+    # The recipe's ceiling: its workers' images/s with no model step competing for the cores.
+    res["loader"] = args.steps * bsz / _timed(loader_only, args.steps, args.warmup, dev)
     return res
 
 
@@ -165,7 +189,8 @@ def placement(case: str, spec: str, args) -> float:
     procs, threads = (int(v) for v in spec.split("x"))
     cmd = [sys.executable, __file__, "--device", "cpu", "--threads", str(threads),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--cases", case, "--e2e-only"]
+           str(args.warmup), "--cases", case, "--precisions", args.precisions[0],
+           "--e2e-only"]
     runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     spans = []
     for run in runs:
@@ -184,7 +209,7 @@ def accuracy(args):
 
     from pipeline.byol import ByolParams, encode_checkpoint, train_byol
     from pipeline.byol_encoder import write_untrained
-    from pipeline.config import build
+    from pipeline.config import build, byol_params, resolve_config
     from pipeline.evaluate import linear_probe
     from pipeline.io import TRAINING_SPLITS, load_prepared
     from pipeline.prepare import PrepareParams, prepare
@@ -210,10 +235,13 @@ def accuracy(args):
                                 "purity_at_1": str(purity)}), tmp / "nb.parquet")
     tr = (data.split == "train") & (data.labels >= 0)
     te = data.split == "test"
-    params = build(ByolParams, {"epochs": args.epochs, **json.loads(args.params)})
+    # The config a digits experiment gets (its preset under the user's byol keys).
+    cfg = resolve_config({"byol": {**json.loads(args.params), "epochs": args.epochs}})
     print(f"digits, pixel-space neighbours k={k} (purity@1 {purity:.3f}), "
-          f"{args.epochs} epochs, params {args.params}, seeds {args.seeds}")
+          f"{args.epochs} epochs, byol {args.params} over the digits preset, seeds {args.seeds}")
     for variant in args.variants:
+        params = build(ByolParams, byol_params(cfg, "baseline" if variant == "untrained"
+                                               else variant))
         accs, secs = [], []
         for seed in args.seeds:
             out = tmp / f"{variant}{seed}.pt"
@@ -245,6 +273,8 @@ def main(argv=None):
     ap.add_argument("--layouts", nargs="+", default=["channels_last"], choices=list(LAYOUTS),
                     help="memory layouts of model and batches, side by side (the pipeline "
                          "uses channels_last)")
+    ap.add_argument("--precisions", nargs="+", default=["auto"], choices=PRECISIONS,
+                    help="byol.precision values side by side (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--placements", nargs="+", default=[],
                     help="PxT: P processes of T threads each at once, (a) only, aggregate "
                          "img/s (e.g. 1x2 2x1 4x1 8x1)")
@@ -252,7 +282,10 @@ def main(argv=None):
     ap.add_argument("--accuracy", action="store_true", help="digits linear top-1 instead")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--params", default="{}", help="flat BYOL params (JSON) for --accuracy")
+    ap.add_argument("--params", default="{}",
+                    help="for --accuracy: config.yaml's byol section as JSON (nested, e.g. "
+                         '\'{"precision": "bf16", "augment": {"flip_prob": 0.5}}\'), over the '
+                         "digits preset")
     ap.add_argument("--variants", nargs="+", default=["untrained", *VARIANTS],
                     help="for --accuracy: untrained and any registered BYOL variants")
     ap.add_argument("--max-train", type=int, default=None,
@@ -272,7 +305,8 @@ def main(argv=None):
         return
     if args.e2e_only:
         backbone, size, channels = parse_case(args.cases[0])
-        print(json.dumps(bench_case(backbone, channels, size, args, dev)))
+        print(json.dumps(bench_case(backbone, channels, size, args, dev,
+                                    precision=args.precisions[0])))
         return
     if args.placements:
         print(f"{'case':<22}{'placement':<12}{'img/s':>10}{'x first':>9}  (end to end, all "
@@ -284,17 +318,18 @@ def main(argv=None):
                 first = first or rate
                 print(f"{case:<22}{spec:<12}{rate:>10.0f}{rate / first:>9.2f}", flush=True)
         return
-    print(f"{'case':<22}{'layout':<15}{'(a) e2e':>10}{'(b) model':>10}{'(c) cpu':>10}"
-          f"{'a/b':>7}{'a/c':>7}{'a/a[0]':>8}")
+    print(f"{'case':<22}{'layout':<15}{'precision':<10}{'(a) e2e':>10}{'(b) model':>10}"
+          f"{'(c) cpu':>10}{'loader':>9}{'a/b':>7}{'a/c':>7}{'a/a[0]':>8}")
     for case in args.cases:
         backbone, size, channels = parse_case(case)
         first = None
         for name in args.layouts:
-            r = bench_case(backbone, channels, size, args, dev, LAYOUTS[name])
-            first = first or r["a"]
-            print(f"{case:<22}{name:<15}{r['a']:>10.0f}{r['b']:>10.0f}{r['c']:>10.0f}"
-                  f"{r['a'] / r['b']:>7.2f}{r['a'] / r['c']:>7.2f}{r['a'] / first:>8.2f}",
-                  flush=True)
+            for precision in args.precisions:
+                r = bench_case(backbone, channels, size, args, dev, LAYOUTS[name], precision)
+                first = first or r["a"]
+                print(f"{case:<22}{name:<15}{precision:<10}{r['a']:>10.0f}{r['b']:>10.0f}"
+                      f"{r['c']:>10.0f}{r['loader']:>9.0f}{r['a'] / r['b']:>7.2f}"
+                      f"{r['a'] / r['c']:>7.2f}{r['a'] / first:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class ByolParams:
     proj_hidden: int = 256
     checkpoint_every: int = 5
     compile: bool = False
+    precision: str = "auto"
     # The BYOL paper's asymmetric views: blur always on view 1; rarely blur, sometimes
     # solarise view 2.
     view1: AugmentParams = field(
@@ -236,6 +237,15 @@ def _load_run(params: ByolParams, variant: str, seed: int, data: Path,
 # --------------------------------------------------------------------------- one step
 
 
+def autocast_for(precision: str, dev: torch.device) -> torch.autocast:
+    """The step's autocast context for ``byol.precision``: ``auto`` is bf16 on CUDA and fp32
+    on the CPU (where bf16 pays only with native bf16 instructions), ``bf16`` autocasts on any
+    device, ``fp32`` never."""
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+
 def byol_step(net: nn.Module, online: Online, target: Target, optimizer, b: Batch, autocast,
               tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One BYOL update: both views through online and target, symmetric loss, step, EMA.
@@ -243,7 +253,7 @@ def byol_step(net: nn.Module, online: Online, target: Target, optimizer, b: Batc
     Args:
         net: the online network to call (``online`` itself or its compiled wrapper).
         b: views (B, C, H, W), already normalised, plus optional neighbour views.
-        autocast: autocast context (bf16 on CUDA, disabled on CPU).
+        autocast: autocast context (:func:`autocast_for`).
         tau: EMA rate for this step.
 
     Returns:
@@ -539,8 +549,7 @@ def train_byol(
     loop = _Loop(params, variant, seed, net, online, target, optimizer, views,
                  torch.from_numpy(run.train.labels).to(dev), batch, steps_per_epoch,
                  steps_per_epoch * params.epochs, steps_per_epoch * params.warmup_epochs,
-                 torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda),
-                 step=ck.get("step", 0))
+                 autocast_for(params.precision, dev), step=ck.get("step", 0))
 
     log.info("BYOL %s seed %d: %s on %s, %d images %dx%dx%d, %d epochs x %d steps of %d",
              variant, seed, header["backbone"], describe(dev), n, size, size, channels,

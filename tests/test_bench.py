@@ -19,7 +19,8 @@ def _load(name):
 
 
 def test_bench_scripts_all_have_a_smoke_test():
-    tested = {"bench_byol", "bench_knn", "bench_neighbours", "bench_lightly", "bench_latent"}
+    tested = {"bench_byol", "bench_knn", "bench_neighbours", "bench_lightly", "bench_latent",
+              "bench_revisions"}
     assert {p.stem for p in BENCH.glob("bench_*.py")} == tested
 
 
@@ -36,12 +37,15 @@ def test_bench_knn_smoke(capsys, one_thread):
 def test_bench_byol_throughput_smoke(capsys, one_thread):
     _load("bench_byol").main(["--device", "cpu", "--batch-size", "8", "--steps", "1",
                               "--warmup", "1", "--workers", "0", "--cases", "smallconv:8:1",
-                              "--layouts", "channels_last", "contiguous"])
+                              "--layouts", "channels_last", "contiguous",
+                              "--precisions", "fp32", "bf16"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("smallconv:8:1")]
-    assert [r[1] for r in rows] == ["channels_last", "contiguous"]
-    assert all(float(v) > 0 for r in rows for v in r[2:])
-    assert rows[0][-1] == "1.00"  # each layout's e2e against the first one's
+    assert [(r[1], r[2]) for r in rows] == [
+        (layout, precision) for layout in ("channels_last", "contiguous")
+        for precision in ("fp32", "bf16")]
+    assert all(float(v) > 0 for r in rows for v in r[3:])
+    assert rows[0][-1] == "1.00"  # each row's e2e against the first one's
 
 
 def test_bench_latent_smoke(capsys, one_thread):
@@ -157,3 +161,21 @@ def test_bench_lightly_both_arms(capsys, one_thread):
     out = capsys.readouterr().out
     assert set(_arm_rows(out)) == {"ours", "lightly"}
     assert "ours/lightly images/s:" in out
+
+
+def test_bench_revisions_times_each_stage_per_revision(capsys):
+    # The working tree twice: both exports run the same code, so both rows are real rates.
+    assert _load("bench_revisions").main([
+        "--revisions", "WORKTREE", "WORKTREE", "--stages", "latent-ae", "byol", "--n", "64",
+        "--size", "12", "--epochs", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("latent-ae ", "byol "))]
+    assert [(r[0], r[1]) for r in rows] == [("latent-ae", "WORKTREE")] * 2 + [
+        ("byol", "WORKTREE")] * 2
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == rows[2][3] == "1.00"
+
+
+def test_bench_revisions_names_a_revision_git_does_not_know(capsys):
+    with pytest.raises(SystemExit, match=r"^error: cannot export revision 'no-such-rev'"):
+        _load("bench_revisions").main(["--revisions", "no-such-rev", "--stages", "byol",
+                                       "--n", "16", "--size", "8", "--epochs", "1"])
