@@ -6,6 +6,7 @@ machine, in one run (optional: needs `pip install -e ".[cpu,peer]"`, i.e. lightl
     .venv/bin/python bench/bench_lightly.py --folder imgs --resize 28    # imgs/{train,test}/<class>
     .venv/bin/python bench/bench_lightly.py --data results/cifar10-cpu/data.npz --epochs 10
     .venv/bin/python bench/bench_lightly.py --arms ours --epochs 2       # without lightly
+    .venv/bin/python bench/bench_lightly.py --precision bf16             # our step in bf16
 
 Data: scikit-learn's digits by default; ``--npz`` and ``--folder`` are read by the pipeline's
 own ``npz`` and ``imagefolder`` readers (``pipeline.prepare``, the same checks and error
@@ -95,13 +96,15 @@ class Prober:
         return float((scores.argmax(1) == self.test_y).mean())
 
 
-def our_params(digits: bool, epochs: int, batch: int | None, backbone: str):
+def our_params(digits: bool, epochs: int, batch: int | None, backbone: str,
+               precision: str = "auto"):
     """Our BYOL params, as the pipeline resolves them: the digits preset for digits, the
-    schema defaults for any other data set."""
+    schema defaults for any other data set; ``precision`` is ``byol.precision``."""
     from pipeline.byol import ByolParams
     from pipeline.config import build, byol_params, resolve_config
 
-    cfg = resolve_config({} if digits else {"preset": "none"})
+    cfg = resolve_config({"byol": {"precision": precision},
+                          **({} if digits else {"preset": "none"})})
     p = build(ByolParams, byol_params(cfg, "baseline"))
     p.epochs, p.backbone, p.checkpoint_every = epochs, backbone, epochs
     p.batch_size = batch or p.batch_size
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None,
                     help="default: what the pipeline uses for this data set")
     ap.add_argument("--backbone", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="byol.precision of our arm (lightly's runs in fp32)")
     ap.add_argument("--probe-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="lightly's DataLoader workers")
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         _, size, _, channels = data.images.shape
         digits = args.data is None and args.npz is None and args.folder is None
         params = our_params(digits, args.epochs, args.batch_size,
-                            resolve_backbone(args.backbone, size))
+                            resolve_backbone(args.backbone, size), args.precision)
         mean, std = channel_stats(data.subset(*TRAINING_SPLITS).images)
         prober = Prober(data, torch.as_tensor(mean, dtype=torch.float32),
                         torch.as_tensor(std, dtype=torch.float32))
@@ -274,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     target = results["lightly"]["probes"][args.epochs] if "lightly" in results else None
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} threads, {n} training images {size}x{size}x{channels}, "
-          f"{params.backbone}, batch {params.batch_size}, {args.epochs} epochs, seed {args.seed}")
+          f"{params.backbone}, batch {params.batch_size}, {args.epochs} epochs, "
+          f"seed {args.seed}, our precision {args.precision}")
     print(f"{'arm':<8} {'img/s':>8} {'train s':>8} {'wall s':>8} {'top-1':>7} "
           f"{'s to lightly top-1':>18}  probes (epoch: top-1)")
     steps = n // params.batch_size * params.batch_size

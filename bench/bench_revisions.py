@@ -3,15 +3,16 @@
     .venv/bin/python bench/bench_revisions.py --revisions 164f983 WORKTREE --n 10000 --size 28
     .venv/bin/python bench/bench_revisions.py --revisions HEAD~5 HEAD --stages latent-ae byol
 
-Each revision's ``pipeline/`` and ``workflow/`` are exported (``git archive``; ``WORKTREE`` is
-the working tree as it is) into a temporary folder, and every stage runs there in a fresh process with that
-package first on ``sys.path``: ``train_latent`` of a latent model (``latent-<model>``) or
-``train_byol`` of the baseline (``byol``), each with its dataclass defaults (what a user of
-that revision got) except for the epochs. All revisions read one prepared data set: the
-8x8 scikit-learn digits upscaled to ``--size`` px and repeated with random shifts up to
-``--n`` training images. Printed: training images/s (the median epoch after the first, from
-the stage's own per-epoch seconds), per stage and revision, and the ratio to the first
-revision. Revisions alternate within each repeat, so a noisy machine hits all alike.
+Each revision's ``pipeline/`` and ``workflow/`` are exported (``git archive``; ``WORKTREE``
+is the working tree as it is) into a temporary folder, and every stage runs there in a fresh
+process with that package first on ``sys.path``: ``train_latent`` of a latent model
+(``latent-<model>``) or ``train_byol`` of the baseline (``byol``), each with its dataclass
+defaults (what a user of that revision got) except for the epochs. All revisions read one
+prepared data set: the 8x8 scikit-learn digits upscaled to ``--size`` px and repeated with
+random shifts up to ``--n`` training images. Printed: training images/s (the median epoch
+after the first, from the stage's own per-epoch seconds), per stage and revision, and the
+ratio to the first revision. Revisions alternate within each repeat, so a noisy machine
+hits all alike.
 """
 
 from __future__ import annotations

@@ -206,6 +206,8 @@ def test_stage_dataclass_defaults_agree_with_the_schema(module, cls, section):
      "config key 'byol.view2.flip_prob': 2.0 is greater than the maximum of 1"),
     ("pipeline.byol.ByolParams", {"optimizer": "adam"},
      "config key 'byol.optimizer': 'adam' is not one of"),
+    ("pipeline.byol.ByolParams", {"precision": "fp16"},
+     "config key 'byol.precision': 'fp16' is not one of ['auto', 'fp32', 'bf16']"),
 ])
 def test_stage_params_get_the_config_message_from_any_entry_point(cls, flat, message):
     """`python -m pipeline <stage> --params ...` and Python callers see what config.yaml
