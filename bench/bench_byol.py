@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.augment import AugmentParams, augment, normalise, to_float  # noqa: E402
 from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.byol import ByolParams, autocast_for, byol_step  # noqa: E402
+from pipeline.byol import ByolParams, autocast_for, byol_step, step_dtype  # noqa: E402
 from pipeline.byol_model import Online, Target  # noqa: E402
 from pipeline.byol_optim import make_optimizer  # noqa: E402
 from pipeline.byol_variants import VARIANTS, Batch  # noqa: E402
@@ -100,14 +100,17 @@ class _TwoViews(torch.utils.data.Dataset):
         return self.tf[0](x), self.tf[1](x)
 
 
-def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="auto"):
+def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="auto",
+               mode="eager"):
     """Images/s of (a), (b), (c) for one backbone and image size, models and batches in
     ``layout`` (the pipeline's own by default), the step in ``precision`` (``byol.precision``).
-    The views are the pipeline's default ones (BYOL's asymmetric blur and solarisation)."""
+    The views are the pipeline's default ones (BYOL's asymmetric blur and solarisation);
+    ``mode`` ``compile`` runs the online network through ``torch.compile``."""
     n = max(args.batch_size * 4, 2048)
     rng = np.random.default_rng(0)
     images_np = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
     online, target, opt, autocast = _model(backbone, channels, size, dev, layout, precision)
+    net = torch.compile(online) if mode == "compile" else online
     views = ByolParams()
     aug1, aug2 = views.view1, views.view2
     mean = torch.full((channels,), 0.5, device=dev)
@@ -125,11 +128,17 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
         with torch.no_grad():
             x = to_float(images[idx])
             b = Batch(prep(augment(x, aug1, g)), prep(augment(x, aug2, g)))
-        byol_step(online, online, target, opt, b, autocast, 0.99)
+        byol_step(net, online, target, opt, b, autocast, 0.99)
 
     fixed = Batch(prep(to_float(images[:bsz])), prep(to_float(images[bsz:2 * bsz])))
 
     def model_only():
+        byol_step(net, online, target, opt, fixed, autocast, 0.99)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # one eager step: the same arithmetic as the compiled one
         byol_step(online, online, target, opt, fixed, autocast, 0.99)
 
     res = {}
@@ -141,7 +150,9 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
             e2e()
         return {"start": start, "end": time.time()}
     res["a"] = args.steps * bsz / _timed(e2e, args.steps, args.warmup, dev)
-    res["b"] = args.steps * bsz / _timed(model_only, args.steps, args.warmup, dev)
+    seconds = _timed(model_only, args.steps, args.warmup, dev)
+    res["b"] = args.steps * bsz / seconds
+    res["gflops"] = counter.get_total_flops() * args.steps / seconds / 1e9
 
     loader = torch.utils.data.DataLoader(
         _TwoViews(images_np, aug1, aug2), batch_size=bsz, shuffle=True, drop_last=True,
@@ -157,7 +168,7 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
             batches = iter(loader)
             v1, v2 = next(batches)
         b = Batch(prep(v1.to(dev, non_blocking=True)), prep(v2.to(dev, non_blocking=True)))
-        byol_step(online, online, target, opt, b, autocast, 0.99)
+        byol_step(net, online, target, opt, b, autocast, 0.99)
 
     res["c"] = args.steps * bsz / _timed(cpu_recipe, args.steps, args.warmup, dev)
 
@@ -172,6 +183,14 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
     # The recipe's ceiling: its workers' images/s with no model step competing for the cores.
     res["loader"] = args.steps * bsz / _timed(loader_only, args.steps, args.warmup, dev)
     return res
+
+
+def gemm_rate(dev: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n x n matrix product on ``dev`` in ``dtype``."""
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    seconds = _timed(lambda: a @ b, reps, 1, dev)
+    return 2 * n**3 * reps / seconds / 1e9
 
 
 def parse_case(case: str) -> tuple[str, int, int]:
@@ -275,6 +294,8 @@ def main(argv=None):
                          "uses channels_last)")
     ap.add_argument("--precisions", nargs="+", default=["auto"], choices=PRECISIONS,
                     help="byol.precision values side by side (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compile"],
+                    help="eager and/or torch.compile'd online network, side by side")
     ap.add_argument("--placements", nargs="+", default=[],
                     help="PxT: P processes of T threads each at once, (a) only, aggregate "
                          "img/s (e.g. 1x2 2x1 4x1 8x1)")
@@ -318,18 +339,26 @@ def main(argv=None):
                 first = first or rate
                 print(f"{case:<22}{spec:<12}{rate:>10.0f}{rate / first:>9.2f}", flush=True)
         return
-    print(f"{'case':<22}{'layout':<15}{'precision':<10}{'(a) e2e':>10}{'(b) model':>10}"
-          f"{'(c) cpu':>10}{'loader':>9}{'a/b':>7}{'a/c':>7}{'a/a[0]':>8}")
+    for precision in args.precisions:
+        dtype = step_dtype(precision, dev)
+        print(f"# {str(dtype).removeprefix('torch.')} matrix product 2048^3 on this device: "
+              f"{gemm_rate(dev, dtype):.0f} GFLOP/s (a reference for (b)'s rate)")
+    print(f"{'case':<22}{'layout':<15}{'precision':<10}{'mode':<9}{'(a) e2e':>10}"
+          f"{'(b) model':>10}{'GFLOP/s':>9}{'(c) cpu':>10}{'loader':>9}{'a/b':>7}{'a/c':>7}"
+          f"{'a/a[0]':>8}")
     for case in args.cases:
         backbone, size, channels = parse_case(case)
         first = None
         for name in args.layouts:
             for precision in args.precisions:
-                r = bench_case(backbone, channels, size, args, dev, LAYOUTS[name], precision)
-                first = first or r["a"]
-                print(f"{case:<22}{name:<15}{precision:<10}{r['a']:>10.0f}{r['b']:>10.0f}"
-                      f"{r['c']:>10.0f}{r['loader']:>9.0f}{r['a'] / r['b']:>7.2f}"
-                      f"{r['a'] / r['c']:>7.2f}{r['a'] / first:>8.2f}", flush=True)
+                for mode in args.modes:
+                    r = bench_case(backbone, channels, size, args, dev, LAYOUTS[name],
+                                   precision, mode)
+                    first = first or r["a"]
+                    print(f"{case:<22}{name:<15}{precision:<10}{mode:<9}{r['a']:>10.0f}"
+                          f"{r['b']:>10.0f}{r['gflops']:>9.1f}{r['c']:>10.0f}"
+                          f"{r['loader']:>9.0f}{r['a'] / r['b']:>7.2f}{r['a'] / r['c']:>7.2f}"
+                          f"{r['a'] / first:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

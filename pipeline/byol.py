@@ -237,13 +237,18 @@ def _load_run(params: ByolParams, variant: str, seed: int, data: Path,
 # --------------------------------------------------------------------------- one step
 
 
-def autocast_for(precision: str, dev: torch.device) -> torch.autocast:
-    """The step's autocast context for ``byol.precision``: ``auto`` is bf16 on CUDA and fp32
-    on the CPU (where bf16 pays only with native bf16 instructions), ``bf16`` autocasts on any
-    device, ``fp32`` never."""
+def step_dtype(precision: str, dev: torch.device) -> torch.dtype:
+    """The arithmetic of ``byol.precision`` on ``dev``: ``auto`` is bf16 on CUDA and fp32 on
+    the CPU (where bf16 pays only with native bf16 instructions), ``bf16`` is bf16 on any
+    device, ``fp32`` always fp32."""
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.bfloat16 if bf16 else torch.float32
 
+
+def autocast_for(precision: str, dev: torch.device) -> torch.autocast:
+    """The step's autocast context for ``byol.precision`` (:func:`step_dtype`)."""
+    dtype = step_dtype(precision, dev)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def byol_step(net: nn.Module, online: Online, target: Target, optimizer, b: Batch, autocast,
@@ -300,6 +305,7 @@ class _Loop:
     warmup: int
     autocast: object
     step: int = 0
+    precision: str = "float32"  # what the step computes in (the summary records it)
 
     def strength(self) -> float:
         """The neighbours' share at this step: a linear ramp over
@@ -549,7 +555,8 @@ def train_byol(
     loop = _Loop(params, variant, seed, net, online, target, optimizer, views,
                  torch.from_numpy(run.train.labels).to(dev), batch, steps_per_epoch,
                  steps_per_epoch * params.epochs, steps_per_epoch * params.warmup_epochs,
-                 autocast_for(params.precision, dev), step=ck.get("step", 0))
+                 autocast_for(params.precision, dev), step=ck.get("step", 0),
+                 precision=str(step_dtype(params.precision, dev)).removeprefix("torch."))
 
     log.info("BYOL %s seed %d: %s on %s, %d images %dx%dx%d, %d epochs x %d steps of %d",
              variant, seed, header["backbone"], describe(dev), n, size, size, channels,
@@ -591,6 +598,7 @@ def _finish(loop: _Loop, rows: list[dict], run: _Run, device: str, state: Path, 
         "variant": variant, "collapsed": bool(collapsed), "spread": final["spread"],
         "neighbour_use": final["neighbour_use"], "images_per_s": final["images_per_s"],
         "optimizer": p.optimizer, "batch_size": loop.batch,
+        "precision": loop.precision,
     }
     if final["neighbour_purity"] != "":
         summary["neighbour_purity"] = final["neighbour_purity"]

@@ -41,10 +41,10 @@ def test_bench_byol_throughput_smoke(capsys, one_thread):
                               "--precisions", "fp32", "bf16"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("smallconv:8:1")]
-    assert [(r[1], r[2]) for r in rows] == [
-        (layout, precision) for layout in ("channels_last", "contiguous")
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        (layout, precision, "eager") for layout in ("channels_last", "contiguous")
         for precision in ("fp32", "bf16")]
-    assert all(float(v) > 0 for r in rows for v in r[3:])
+    assert all(float(v) > 0 for r in rows for v in r[4:])
     assert rows[0][-1] == "1.00"  # each row's e2e against the first one's
 
 

@@ -470,6 +470,8 @@ def test_precision_sets_the_steps_arithmetic_and_bf16_trains_on_the_cpu(tmp_path
         train_byol(ByolParams(**TINY, precision=precision), "baseline", 0, data, None,
                    out / "enc.pt", out / "s.pt", out / "h.csv", out / "l.png", "cpu")
         rows[precision] = np.genfromtxt(out / "h.csv", delimiter=",", names=True)
+        summary = torch.load(out / "enc.pt", weights_only=True)["summary"]
+        assert summary["precision"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
     # Same seed, same data: bf16 rounding moves the loss a little, never to NaN or far.
     assert np.isfinite(rows["bf16"]["loss"]).all()
     assert not np.array_equal(rows["bf16"]["loss"], rows["fp32"]["loss"])
