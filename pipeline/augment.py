@@ -26,12 +26,20 @@ class AugmentParams:
     grayscale_prob: float = 0.2
 
 
+def rand(n: int, g: torch.Generator, device) -> torch.Tensor:
+    """``n`` uniforms in [0, 1) from ``g``, on ``device``. They are drawn where the generator
+    lives and moved: the training loop's generators are CPU ones, so the same seed draws the
+    same crops, flips and coins for images on the CPU and on CUDA (a few bytes per image
+    cross to the device; the pixels never leave it)."""
+    return torch.rand(n, generator=g, device=g.device).to(device)
+
+
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+    return lo + (hi - lo) * rand(n, g, device)
 
 
 def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) < p
+    return rand(n, g, device) < p
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +63,7 @@ def crop_flip(
         x: (B, C, H, W) float images.
         min_scale: smallest crop area fraction.
         flip_prob: probability of a horizontal flip.
-        g: generator on ``x.device``.
+        g: generator (on the CPU or on ``x.device``).
 
     Returns:
         (B, C, H, W) warped images, bilinear, borders replicated.
@@ -70,8 +78,8 @@ def crop_flip(
     # Window side lengths as fractions of the image (affine_grid works in [-1, 1] units).
     sw = torch.sqrt(area * ratio).clamp(max=1.0)
     sh = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (2 * torch.rand(b, generator=g, device=dev) - 1) * (1 - sw)
-    cy = (2 * torch.rand(b, generator=g, device=dev) - 1) * (1 - sh)
+    cx = (2 * rand(b, g, dev) - 1) * (1 - sw)
+    cy = (2 * rand(b, g, dev) - 1) * (1 - sh)
     flip = _coin(b, flip_prob, g, dev)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0] = torch.where(flip, -sw, sw)
@@ -171,14 +179,14 @@ def solarize(x: torch.Tensor, prob: float, g: torch.Generator, threshold: float 
 def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator) -> torch.Tensor:
     """One BYOL view of every image: crop+flip, colour jitter, grey, blur, solarise.
 
-    Every random choice is per sample and drawn from ``g`` (a generator on ``x.device``), so
-    the same generator state gives the same views. Steps whose probability is zero draw
+    Every random choice is per sample and drawn from ``g`` (see :func:`rand`), so the same
+    generator state gives the same views. Steps whose probability is zero draw
     nothing, so switching them on changes the stream but switching nothing keeps it.
 
     Args:
         x: (B, C, H, W) float images in [0, 1], C in {1, 3}.
         p: augmentation parameters.
-        g: generator on the same device as ``x``.
+        g: generator on the CPU (the same draws on every device) or on ``x.device``.
 
     Returns:
         (B, C, H, W) float images in [0, 1].

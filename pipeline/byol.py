@@ -171,10 +171,12 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _stream(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
-    """A generator seeded from (seed, epoch, stream): an epoch's draws need no saved state."""
+def _stream(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, epoch, stream): an epoch's draws need no saved
+    state, and they are the same whichever device the images are on
+    (:func:`pipeline.augment.rand`)."""
     value = int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(value & (2**63 - 1))
+    return torch.Generator().manual_seed(value & (2**63 - 1))
 
 
 @dataclass
@@ -318,10 +320,10 @@ def _epoch(loop: _Loop, epoch: int, dev: torch.device) -> tuple[dict, dict]:
     """Train one epoch; returns its history row and the epoch's generator states."""
     p, n = loop.params, len(loop.labels)
     t0 = time.time()
-    g_perm = _stream(loop.seed, epoch, 0, dev)
-    g = Streams(_stream(loop.seed, epoch, 1, dev), _stream(loop.seed, epoch, 3, dev),
-                _stream(loop.seed, epoch, 2, dev))
-    perm = torch.randperm(n, generator=g_perm, device=dev)
+    g_perm = _stream(loop.seed, epoch, 0)
+    g = Streams(_stream(loop.seed, epoch, 1), _stream(loop.seed, epoch, 3),
+                _stream(loop.seed, epoch, 2))
+    perm = torch.randperm(n, generator=g_perm).to(dev)
     make_batch = VARIANTS[loop.variant].make_batch
     sums = torch.zeros(5, device=dev)  # loss, spread, neighbour use, same label, labelled
     lr = tau = 0.0

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.augment import AugmentParams, augment, to_float
+from pipeline.augment import AugmentParams, augment, rand, to_float
 from pipeline.byol_sources import QueueSource, TableSource
 
 
@@ -68,7 +68,8 @@ class Views:
 
     def pick_neighbour(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One of each anchor's k neighbours, uniformly and independently per sample."""
-        choice = torch.randint(self.neighbours.k, (len(idx),), generator=g, device=idx.device)
+        choice = torch.randint(self.neighbours.k, (len(idx),), generator=g,
+                               device=g.device).to(idx.device)
         return self.neighbours.lookup(idx)[torch.arange(len(idx), device=idx.device), choice]
 
 
@@ -86,7 +87,7 @@ def _baseline(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -
 def _probabilistic(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
     """Per sample, with probability p (times the warm-up ramp s), the second view shows a
     random neighbour instead."""
-    coin = torch.rand(len(idx), generator=g.nb, device=idx.device) < p.p_neighbour * s
+    coin = rand(len(idx), g.nb, idx.device) < p.p_neighbour * s
     other = torch.where(coin, v.pick_neighbour(idx, g.nb), idx)
     return Batch(v.view(idx, g.v1, 1), v.view(other, g.v2, 2),
                  neighbour_use=(other != idx).float().mean(), pairs=_real(idx, other))

@@ -79,3 +79,15 @@ def test_to_float_and_normalise():
     assert x.shape == (1, 2, 1, 1) and x.flatten().tolist() == [0.0, 1.0]
     out = normalise(x, torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.5]))
     assert out.flatten().tolist() == [-2.0, 1.0]
+
+
+def test_draws_come_from_the_generator_wherever_the_images_are():
+    """``rand`` draws on the generator's device and moves the result, so a CPU generator's
+    stream does not depend on where the images live (the CUDA half is in test_gpu.py)."""
+    from pipeline.augment import rand
+
+    g = torch.Generator().manual_seed(5)
+    expected = torch.rand(6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(rand(6, g, "cpu"), expected)
+    meta = rand(6, torch.Generator().manual_seed(5), "meta")  # any target device
+    assert meta.device.type == "meta" and meta.shape == (6,)

@@ -356,10 +356,10 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data,
     straight = run(tmp_path, data, "straight", epochs=3)
     real_stream = byol._stream
 
-    def fail_in_epoch_three(seed, epoch, stream, device):
+    def fail_in_epoch_three(seed, epoch, stream):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real_stream(seed, epoch, stream, device)
+        return real_stream(seed, epoch, stream)
 
     monkeypatch.setattr(byol, "_stream", fail_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):

@@ -153,10 +153,10 @@ def test_online_training_uses_neighbours_from_the_second_epoch_and_resumes_exact
     assert use[0] == 0.0 and use[1] > 0.5 and use[2] > 0.5  # epoch 1 has no queries yet
     real_stream = byol._stream
 
-    def fail_in_epoch_three(seed, epoch, stream, device):
+    def fail_in_epoch_three(seed, epoch, stream):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real_stream(seed, epoch, stream, device)
+        return real_stream(seed, epoch, stream)
 
     monkeypatch.setattr(byol, "_stream", fail_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):

@@ -38,6 +38,17 @@ def test_augmentation_on_cuda_is_per_sample_and_reproducible():
     assert (a[0] - a[1]).abs().max() > 1e-3  # same input image, different views
 
 
+def test_cpu_and_cuda_draw_the_same_views_from_the_same_cpu_generator():
+    """The training loop's generators are CPU ones: the same seed gives the same crops, flips,
+    jitter, blur and solarisation for images on either device (up to float rounding)."""
+    x = torch.rand(16, 3, 32, 32)
+    p = AugmentParams(blur_prob=0.5, solarize_prob=0.2)
+    on_cpu = augment(x, p, torch.Generator().manual_seed(3))
+    on_cuda = augment(x.cuda(), p, torch.Generator().manual_seed(3))
+    assert on_cuda.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
 def test_latent_neighbours_and_byol_on_cuda(tiny):
     d = tiny
     train_latent(LatentParams(dim=8, epochs=2, width=8, batch_size=32), "ae", d / "data.npz",
