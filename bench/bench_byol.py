@@ -7,6 +7,7 @@
 
 (a) end to end: uint8 data resident on the device, per-sample augmentation there, BYOL step;
 (b) model only: the same step on one batch already on the device (no augmentation);
+``views``: (a)'s two augmented views alone, no step (images/s of augmentation);
 (c) CPU recipe: torchvision.transforms.v2 per sample in DataLoader workers, then the same step;
 ``loader``: those workers alone, no step (the ceiling of (c)). Both paths draw the pipeline's
 default views (BYOL's asymmetric blur/solarisation). Ratios a/b and a/c are printed per case;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,15 +122,21 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
         return normalise(x, mean, std).contiguous(memory_format=layout)
 
     images = torch.from_numpy(images_np).to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # a CPU generator, as the training loop uses
     bsz = args.batch_size
 
+    @torch.no_grad()
+    def views():
+        idx = torch.randint(n, (bsz,), generator=g).to(dev)
+        x = to_float(images[idx])
+        return Batch(prep(augment(x, aug1, g)), prep(augment(x, aug2, g)))
+
+    def views_only():
+        views()
+        _sync(dev)
+
     def e2e():
-        idx = torch.randint(n, (bsz,), generator=g, device=dev)
-        with torch.no_grad():
-            x = to_float(images[idx])
-            b = Batch(prep(augment(x, aug1, g)), prep(augment(x, aug2, g)))
-        byol_step(net, online, target, opt, b, autocast, 0.99)
+        byol_step(net, online, target, opt, views(), autocast, 0.99)
 
     fixed = Batch(prep(to_float(images[:bsz])), prep(to_float(images[bsz:2 * bsz])))
 
@@ -141,7 +149,6 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
     with counter:  # one eager step: the same arithmetic as the compiled one
         byol_step(online, online, target, opt, fixed, autocast, 0.99)
 
-    res = {}
     if args.e2e_only:  # one process of a --placements run: when its timed steps ran
         for _ in range(args.warmup):
             e2e()
@@ -149,10 +156,6 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
         for _ in range(args.steps):
             e2e()
         return {"start": start, "end": time.time()}
-    res["a"] = args.steps * bsz / _timed(e2e, args.steps, args.warmup, dev)
-    seconds = _timed(model_only, args.steps, args.warmup, dev)
-    res["b"] = args.steps * bsz / seconds
-    res["gflops"] = counter.get_total_flops() * args.steps / seconds / 1e9
 
     loader = torch.utils.data.DataLoader(
         _TwoViews(images_np, aug1, aug2), batch_size=bsz, shuffle=True, drop_last=True,
@@ -160,28 +163,30 @@ def bench_case(backbone, channels, size, args, dev, layout=LAYOUT, precision="au
         persistent_workers=args.workers > 0)
     batches = iter(loader)
 
-    def cpu_recipe():
+    def next_batch():
         nonlocal batches
         try:
-            v1, v2 = next(batches)
+            return next(batches)
         except StopIteration:
             batches = iter(loader)
-            v1, v2 = next(batches)
+            return next(batches)
+
+    def cpu_recipe():
+        v1, v2 = next_batch()
         b = Batch(prep(v1.to(dev, non_blocking=True)), prep(v2.to(dev, non_blocking=True)))
         byol_step(net, online, target, opt, b, autocast, 0.99)
 
-    res["c"] = args.steps * bsz / _timed(cpu_recipe, args.steps, args.warmup, dev)
-
-    def loader_only():
-        nonlocal batches
-        try:
-            next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            next(batches)
-
-    # The recipe's ceiling: its workers' images/s with no model step competing for the cores.
-    res["loader"] = args.steps * bsz / _timed(loader_only, args.steps, args.warmup, dev)
+    # (a), (b), the two views alone, (c) and the recipe's ceiling (its workers with no model
+    # step competing for the cores), timed in turn ``--repeats`` times; the medians, so that
+    # a slow spell of a shared machine hits all of them alike.
+    paths = {"a": e2e, "b": model_only, "views": views_only, "c": cpu_recipe,
+             "loader": next_batch}
+    seconds = {k: [] for k in paths}
+    for _ in range(args.repeats):
+        for key, fn in paths.items():
+            seconds[key].append(_timed(fn, args.steps, args.warmup, dev))
+    res = {k: args.steps * bsz / statistics.median(v) for k, v in seconds.items()}
+    res["gflops"] = counter.get_total_flops() * res["b"] / bsz / 1e9
     return res
 
 
@@ -285,6 +290,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time (a), (b), (c) and the loader in turn this many times; medians")
     ap.add_argument("--workers", type=int, default=8, help="DataLoader workers for (c)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cases", nargs="+", default=["resnet18_cifar:32"],
@@ -344,8 +351,8 @@ def main(argv=None):
         print(f"# {str(dtype).removeprefix('torch.')} matrix product 2048^3 on this device: "
               f"{gemm_rate(dev, dtype):.0f} GFLOP/s (a reference for (b)'s rate)")
     print(f"{'case':<22}{'layout':<15}{'precision':<10}{'mode':<9}{'(a) e2e':>10}"
-          f"{'(b) model':>10}{'GFLOP/s':>9}{'(c) cpu':>10}{'loader':>9}{'a/b':>7}{'a/c':>7}"
-          f"{'a/a[0]':>8}")
+          f"{'(b) model':>10}{'GFLOP/s':>9}{'views':>9}{'(c) cpu':>10}{'loader':>9}{'a/b':>7}"
+          f"{'a/c':>7}{'a/a[0]':>8}")
     for case in args.cases:
         backbone, size, channels = parse_case(case)
         first = None
@@ -356,7 +363,7 @@ def main(argv=None):
                                    precision, mode)
                     first = first or r["a"]
                     print(f"{case:<22}{name:<15}{precision:<10}{mode:<9}{r['a']:>10.0f}"
-                          f"{r['b']:>10.0f}{r['gflops']:>9.1f}{r['c']:>10.0f}"
+                          f"{r['b']:>10.0f}{r['gflops']:>9.1f}{r['views']:>9.0f}{r['c']:>10.0f}"
                           f"{r['loader']:>9.0f}{r['a'] / r['b']:>7.2f}{r['a'] / r['c']:>7.2f}"
                           f"{r['a'] / first:>8.2f}", flush=True)
 
