@@ -37,6 +37,7 @@ from pipeline.byol import ByolParams, autocast_for, byol_step, step_dtype  # noq
 from pipeline.byol_model import Online, Target  # noqa: E402
 from pipeline.byol_optim import make_optimizer  # noqa: E402
 from pipeline.byol_variants import VARIANTS, Batch  # noqa: E402
+from pipeline.config import field_schema  # noqa: E402
 from pipeline.device import LAYOUT  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def _sync(dev):
 
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-PRECISIONS = ["auto", "fp32", "bf16"]
+PRECISIONS = field_schema("byol", "precision")[1]["enum"]  # byol.precision's values
 
 
 def _model(backbone, channels, size, dev, layout, precision):
@@ -231,7 +232,7 @@ def accuracy(args):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.byol import ByolParams, encode_checkpoint, train_byol
+    from pipeline.byol import encode_checkpoint, train_byol
     from pipeline.byol_encoder import write_untrained
     from pipeline.config import build, byol_params, resolve_config
     from pipeline.evaluate import linear_probe
@@ -291,7 +292,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1,
-                    help="time (a), (b), (c) and the loader in turn this many times; medians")
+                    help="time (a), (b), the views, (c) and the loader in turn this many "
+                         "times; medians")
     ap.add_argument("--workers", type=int, default=8, help="DataLoader workers for (c)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cases", nargs="+", default=["resnet18_cifar:32"],

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import PipelineError  # noqa: E402
 from pipeline.augment import normalise, to_float  # noqa: E402
+from pipeline.config import field_schema  # noqa: E402
 from pipeline.evaluate import linear_probe  # noqa: E402
 from pipeline.io import TRAINING_SPLITS, Prepared, load_prepared  # noqa: E402
 
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None,
                     help="default: what the pipeline uses for this data set")
     ap.add_argument("--backbone", default="auto")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    ap.add_argument("--precision", default="auto",
+                    choices=field_schema("byol", "precision")[1]["enum"],
                     help="byol.precision of our arm (lightly's runs in fp32)")
     ap.add_argument("--probe-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
