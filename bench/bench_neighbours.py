@@ -24,13 +24,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import dataset_tag, resolve_config  # noqa: E402
+from pipeline.config import resolve_config  # noqa: E402
+from pipeline.experiments import experiment_tag  # noqa: E402
 
 
 def results_dir(configfile: Path, root: Path = ROOT) -> Path:
     """results/<tag> of the experiment that ``configfile`` describes."""
     config = resolve_config(yaml.safe_load(configfile.read_text()) or {})
-    return root / "results" / dataset_tag(config, [configfile])
+    return root / "results" / experiment_tag(config, [configfile])
 
 
 def table(results: Path) -> pd.DataFrame:

@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a quota, a permission: the file and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {args.stage}: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every job of the terminal's process group
         print(f"error: {args.stage} interrupted; a re-run resumes trainings from their last "
               "checkpoint", file=sys.stderr)

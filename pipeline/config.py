@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from pipeline import PipelineError
+from pipeline.io import shown_path
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflow"
 SCHEMA = WORKFLOW / "schemas" / "config.schema.yaml"
@@ -27,6 +28,101 @@ METRICS = ("euclidean", "cosine")
 
 def load_schema(path: str | Path = SCHEMA) -> dict:
     return yaml.safe_load(Path(path).read_text())
+
+
+def _twice(loader: yaml.SafeLoader, node: yaml.Node, path: tuple = (),
+           seen: set | None = None) -> tuple[str, int, int] | None:
+    """The first mapping key given twice under ``node``: (dotted key, first line, second line).
+
+    Keys compare as YAML reads them (``seed`` and ``'seed'`` are one key; ``1`` and ``'1'``
+    are two). Merge keys (``<<``) may repeat: PyYAML merges each in turn.
+    """
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias to a node already walked (or a recursive one)
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = loader.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    return _key((*path, key)), lines[key], line
+                lines[key] = line
+            found = _twice(loader, value_node, (*path, key), seen)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _twice(loader, item, (*path, i), seen)
+            if found:
+                return found
+    return None
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error (problem, context, a snippet) as one line with its place."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return " ".join(str(error).split())
+    mark = error.problem_mark
+    text = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+    text += (error.problem or "").removeprefix("but ")
+    if error.context:
+        where = error.context_mark
+        text += f" ({error.context}" + (f" at line {where.line + 1})" if where else ")")
+    return text
+
+
+_KINDS = {list: "a list", str: "a string", bool: "true/false", int: "a number",
+          float: "a number"}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's keys, refusing what PyYAML would accept silently or say in a traceback.
+
+    A key given twice at any depth (PyYAML keeps the last), a top level that is not a mapping
+    and a syntax error each raise a one-line :class:`PipelineError` naming the file, e.g.
+    ``config file 'exp.yaml': key 'seed' appears twice (lines 1 and 3); keep one``. An empty
+    file is ``{}``. As Snakemake does, a file is read as JSON first, then as YAML.
+    """
+    path = Path(path)
+    name = shown_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PipelineError(f"config file {name!r}: cannot read it ({error})") from None
+    try:
+        data = json.loads(text)
+        # JSON allows tabs between tokens, YAML does not; a raw tab cannot be inside a JSON
+        # string, so spaces in their place leave every key and line where it was.
+        text = text.replace("\t", " ")
+    except ValueError:
+        data = None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        found = _twice(loader, node) if node is not None else None
+        if data is None and node is not None:
+            data = loader.construct_document(node)
+    except yaml.YAMLError as error:
+        if data is None:
+            raise PipelineError(f"config file {name!r}: {_yaml_error(error)}") from None
+        found = None  # JSON that YAML 1.1 cannot read: JSON's value stands, unchecked
+    finally:
+        loader.dispose()
+    if found:
+        key, first, second = found
+        raise PipelineError(f"config file {name!r}: key {key!r} appears twice "
+                            f"(lines {first} and {second}); keep one")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = _KINDS.get(type(data), type(data).__name__)
+        raise PipelineError(f"config file {name!r}: the top level is {kind}, not a mapping "
+                            "of keys to values (e.g. 'seed: 0')")
+    return data
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,6 +200,33 @@ def _check_finite(value: Any, path: tuple = ()) -> None:
         raise PipelineError(f"config key {_key(path)!r}: {value} is not a finite number")
 
 
+def _check_schedules(config: dict) -> None:
+    """Warm-ups must end before training does: each key's own bound accepts a warm-up longer
+    than the run, which then silently trains with another schedule than the one set.
+
+    ``lr_at`` ramps to ``byol.lr`` over ``warmup_epochs``: longer than ``byol.epochs``, the
+    peak is never reached; equal, it is reached on the last step and never decays. The
+    neighbours' share ramps as ``step / ramp``, so at ``neighbour_warmup_epochs`` equal to
+    ``byol.epochs`` the last step still uses (N - 1) / N of it: strictly less, both. A
+    warm-up of 0 (none) is valid with any ``byol.epochs``. The latent stage has no schedule.
+    """
+    byol = config["byol"]
+    epochs, warmup = byol["epochs"], byol["warmup_epochs"]
+    if warmup >= epochs:
+        why = ("would never reach byol.lr" if warmup > epochs
+               else "would reach byol.lr only on the last step and never decay")
+        raise PipelineError(f"config key 'byol.warmup_epochs': {warmup} must be less than "
+                            f"byol.epochs ({epochs}); the learning rate {why}; lower it "
+                            "(0 = no warm-up) or raise byol.epochs")
+    ramp = byol["neighbour_warmup_epochs"]
+    # Baseline runs never read the ramp (BYOL_NEIGHBOUR_KEYS): only a neighbour grid needs it.
+    if ramp >= epochs and any(v != "baseline" for v in byol["variants"]):
+        raise PipelineError(f"config key 'byol.neighbour_warmup_epochs': {ramp} must be less "
+                            f"than byol.epochs ({epochs}); the neighbours' share would never "
+                            "reach its set value; lower it (0 = full from the start) or raise "
+                            "byol.epochs")
+
+
 def _check_grid(config: dict) -> None:
     """A neighbour variant needs at least one latent space and one metric to mine with."""
     byol = config["byol"]
@@ -128,10 +251,6 @@ def _check_grid(config: dict) -> None:
                                 "or drop online from byol.sources")
         check_online(OnlineParams(**byol["online"]), byol["batch_size"], None,
                      k if "topk" in wanted else None)
-    tag = config["dataset"].get("tag")
-    if tag in (".", ".."):
-        raise PipelineError(f"config key 'dataset.tag': {tag!r} would write outside results/; "
-                            "use a folder name")
 
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:
@@ -149,6 +268,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
+        _check_schedules(config)
         _check_grid(config)
         return config
     where = ".".join(str(p) for p in error.absolute_path)
@@ -157,7 +277,21 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         extra = sorted(set(error.instance) - set(allowed))
         keys = ", ".join(repr(f"{where}.{k}" if where else k) for k in extra)
         raise PipelineError(f"config: unknown key {keys}; allowed here: {', '.join(allowed)}")
-    raise PipelineError(f"config key {where or '<root>'!r}: {error.message}")
+    raise PipelineError(_message(where, error))
+
+
+# What a key's schema ``pattern`` means, in words: jsonschema would print the regex.
+PATTERN_WORDS = {
+    "dataset.tag": "is not a folder name; use letters, digits, '-', '_' or '.', not starting "
+                   "with '.' (e.g. 'mnist-small')",
+}
+
+
+def _message(where: str, error: Any) -> str:
+    """One line for a schema error at dotted key ``where``, from any entry point."""
+    if error.validator == "pattern" and where in PATTERN_WORDS:
+        return f"config key {where!r}: {error.instance!r} {PATTERN_WORDS[where]}"
+    return f"config key {where or '<root>'!r}: {error.message}"
 
 
 def flatten(section: dict, prefix: str = "") -> dict[str, Any]:
@@ -259,7 +393,7 @@ def load_preset(name: str) -> dict:
     if not path.is_file():
         raise PipelineError(f"config key 'preset': no preset {name!r}; known: "
                             f"{', '.join(['auto', 'none', *presets()])}")
-    return yaml.safe_load(path.read_text()) or {}
+    return read_config_file(path)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -291,17 +425,6 @@ def resolve_config(user: dict, schema: dict | None = None) -> dict:
     if preset != "none" and isinstance(preset, str):
         user = _merge(load_preset(preset), user)
     return validate_config(user, schema)
-
-
-def dataset_tag(config: dict, configfiles: list[str | Path] = ()) -> str:
-    """The experiment's folder under results/: ``dataset.tag``; else the stem of the last
-    ``--configfile`` (so two config files never share a folder); else the data-set name."""
-    if config["dataset"].get("tag"):
-        return config["dataset"]["tag"]
-    stems = [re.sub(r"[^A-Za-z0-9_.-]", "_", Path(f).stem) for f in configfiles]
-    if stems and stems[-1] not in ("config", ".", ".."):
-        return stems[-1]
-    return config["dataset"]["name"]
 
 
 def run_name(stage: str, variant: str = "", latent: str = "", metric: str = "",
@@ -394,8 +517,8 @@ def _check_field(cls: type, name: str, value: Any, section: str | None = None) -
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(sub).iter_errors(value))
     if error is not None:
-        where = ".".join([key, *(str(p) for p in error.absolute_path)])
-        raise PipelineError(f"config key {where!r}: {error.message}")
+        raise PipelineError(_message(".".join([key, *(str(p) for p in error.absolute_path)]),
+                                     error))
 
 
 def _nested(section: str | None, name: str) -> str | None:

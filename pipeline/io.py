@@ -33,7 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            # A full disk or a quota, mid-write: one line naming the file, not the chained
+            # tracebacks of every layer that was writing (numpy, zipfile, the open file).
+            reason = e.strerror or str(e) or type(e).__name__
+            raise PipelineError(f"cannot write {shown_path(path)}: {reason}") from None
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -41,6 +47,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as a message names it: relative to the working folder when inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
@@ -108,7 +123,8 @@ def save_prepared(path: str | os.PathLike, data: Prepared) -> None:
                 labels=data.labels.astype(np.int64),
                 split=data.split.astype("U9"),
                 ids=data.ids.astype(np.int64),
-                classes=np.asarray(data.classes, dtype="U64"),
+                # Sized to the longest name: a fixed width (once U64) cut names and merged them.
+                classes=np.asarray(data.classes, dtype=str),
             )
 
 

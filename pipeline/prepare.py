@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 import tarfile
+import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +233,58 @@ def load_stl10(p: PrepareParams) -> Prepared:
     return _assemble(parts, classes)
 
 
+_SAVE_AS = "save it as 8-bit grey or RGB (or 16-bit grey)"
+
+
+def _grey(img: Image.Image, name: str) -> Image.Image:
+    return img.convert("L")
+
+
+def _rgb(img: Image.Image, name: str) -> Image.Image:
+    # Transparency is dropped with the alpha channel; removing it first spares Pillow's warning.
+    img.info.pop("transparency", None)
+    return img.convert("RGB")
+
+
+def _grey16(img: Image.Image, name: str) -> Image.Image:
+    # Image.convert("L") clips (40000 -> 255); // 257 maps 0..65535 onto 0..255 exactly.
+    return Image.fromarray((np.asarray(img) // 257).astype(np.uint8))
+
+
+def _grey32(img: Image.Image, name: str) -> Image.Image:
+    a = np.asarray(img)
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi > 65535:
+        raise PipelineError(f"unreadable image {name}: Pillow mode 'I' (32-bit integer) with "
+                            f"values in [{lo}, {hi}], outside the 16-bit range [0, 65535]; "
+                            f"{_SAVE_AS}")
+    return Image.fromarray((a // 257).astype(np.uint8))  # 16-bit grey (PGM, old Pillow PNG)
+
+
+# Pillow mode of an opened file -> how it becomes 8-bit grey (L) or RGB. Alpha is dropped,
+# not composited over a background; palette images become RGB (even with a grey palette);
+# colour profiles are not applied; 16-bit grey is scaled by // 257 (65535 -> 255); 32-bit
+# integer grey only where every value fits 16 bits. Every other mode (F, LAB, HSV,
+# premultiplied La/RGBa, ...) is refused, naming the file. A data set is grey only when every
+# image is; otherwise grey images are repeated into RGB (load_imagefolder).
+IMAGE_MODES: dict[str, Callable[[Image.Image, str], Image.Image]] = {
+    "1": _grey, "L": _grey, "LA": _grey,
+    "I;16": _grey16, "I;16L": _grey16, "I;16B": _grey16, "I;16N": _grey16,
+    "I": _grey32,
+    "P": _rgb, "PA": _rgb,
+    "RGB": _rgb, "RGBA": _rgb, "RGBX": _rgb, "CMYK": _rgb, "YCbCr": _rgb,
+}
+
+
+def to_grey_or_rgb(img: Image.Image, name: str) -> Image.Image:
+    """``img`` as 8-bit grey (mode L) or RGB by the rule of ``IMAGE_MODES``; else PipelineError."""
+    convert = IMAGE_MODES.get(img.mode)
+    if convert is None:
+        raise PipelineError(f"unreadable image {name}: Pillow mode {img.mode!r} is not "
+                            f"supported; {_SAVE_AS}")
+    return convert(img, name)
+
+
 def _decode(name: str, raw: bytes, resize: int | None) -> np.ndarray:
     if not raw:
         raise PipelineError(f"unreadable image {name}: the file is empty (0 bytes)")
@@ -243,7 +297,7 @@ def _decode(name: str, raw: bytes, resize: int | None) -> np.ndarray:
                             f"({len(raw)} bytes)") from None
     except OSError as e:
         raise PipelineError(f"unreadable image {name}: {e}") from None
-    img = img.convert("L" if img.mode in ("1", "L", "I;16", "I", "LA") else "RGB")
+    img = to_grey_or_rgb(img, name)
     if resize:
         img = img.resize((resize, resize), Image.BILINEAR)
     return np.asarray(img)
@@ -270,13 +324,23 @@ def _imagefolder_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
                 f"imagefolder layout: file {str(d / stray[0])!r} lies outside a class folder"
             )
         for cls_dir in sorted(c for c in d.iterdir() if c.is_dir()):
-            files = [f for f in sorted(cls_dir.iterdir())
-                     if f.is_file() and not f.name.startswith(".")]
+            # A dangling link named like an image is an image lost: kept, so reading it fails.
+            files = [f for f in sorted(cls_dir.iterdir()) if not f.name.startswith(".") and (
+                f.is_file() or f.is_symlink() and f.suffix.lower() in IMAGE_SUFFIXES)]
             if not files:
                 empty.append(str(cls_dir))
-            entries += [(split, cls_dir.name, str(f), f.read_bytes()) for f in files]
+            entries += [(split, cls_dir.name, str(f), _read(f)) for f in files]
     _refuse_empty_classes(empty)
     return entries
+
+
+def _read(f: Path) -> bytes:
+    try:
+        return f.read_bytes()
+    except OSError as e:
+        what = (f"broken symbolic link to {os.readlink(f)!r}"
+                if f.is_symlink() and not f.exists() else "cannot read it")
+        raise PipelineError(f"unreadable image {f}: {what} ({e.strerror or e})") from None
 
 
 def _refuse_empty_classes(empty: list[str]) -> None:
@@ -320,16 +384,19 @@ def _tar_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
         detail = str(e).splitlines()[0].rstrip(":")  # tarfile lists every method it tried
         raise PipelineError(f"dataset.root {str(root)!r} is a file but not a readable tar "
                             f"archive (plain, gzip, bzip2 or xz): {detail}") from None
-    entries, dirs, last = [], set(), None
+    entries, dirs, links, last = [], set(), [], None
     try:
         with tar:
             for m in tar:
                 parts = Path(m.name).parts
                 if m.isdir() and len(parts) >= 2 and parts[-2] in ("train", "test"):
                     dirs.add(m.name.rstrip("/"))
-                if (m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test")
+                if (len(parts) >= 3 and parts[-3] in ("train", "test")
                         and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
-                    entries.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
+                    if m.isfile():
+                        entries.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
+                    elif m.islnk() or m.issym():  # e.g. a second name of a hard-linked file
+                        links.append((parts[-3], parts[-2], m))
                 last = m.name
             # Read to the end: a gzip stream checks its CRC and length only there, and only
             # zero padding may follow the end marker (else a zeroed header ended it early).
@@ -337,6 +404,8 @@ def _tar_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
                 if chunk.count(0) != len(chunk):
                     raise tarfile.ReadError("data after the end-of-archive marker (a zeroed "
                                             "header?)")
+            # Links resolve once every member is known: a symbolic link may point forward.
+            entries += [(split, c, m.name, _tar_link(tar, m)) for split, c, m in links]
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         where = f"after member {last!r}" if last else "before its first member"
         raise PipelineError(f"dataset.root {str(root)!r}: damaged archive, unreadable {where} "
@@ -346,10 +415,48 @@ def _tar_entries(root: Path) -> list[tuple[str, str, str, bytes]]:
     return entries
 
 
+def _tar_link(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    """The bytes a link member leads to; a link out of the archive or in a loop is an error."""
+    try:
+        f = tar.extractfile(m)
+    except (KeyError, RecursionError):  # target not in the archive; a loop of links
+        f = None
+    if f is None:  # also a link to a directory
+        kind = "hard" if m.islnk() else "symbolic"
+        raise PipelineError(f"unreadable image {m.name}: {kind} link to {m.linkname!r} does not "
+                            "lead to a file in the archive (archive with tar --dereference)")
+    return f.read()
+
+
+def _unicode_twins(names: Iterable[str]) -> tuple[str, str] | None:
+    """The first two of ``names`` that are one name after Unicode NFC normalisation, if any."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
+    return None
+
+
 def load_imagefolder(p: PrepareParams) -> Prepared:
-    """``<root>/{train,test}/<class>/*``, any Pillow-readable image; root may be a tar(.gz)."""
+    """``<root>/{train,test}/<class>/*``, images converted by ``IMAGE_MODES``; root may be a tar.
+
+    A tar(.gz) holds the same layout; its hard and symbolic links to images in the archive
+    are followed.
+    """
     root = _require_root(p)
     entries = sorted(_imagefolder_entries(root), key=lambda e: (e[0] != "train", e[1], e[2]))
+    folders: dict[str, str] = {}
+    for _, c, name, _ in entries:
+        folders.setdefault(c, str(Path(name).parent))
+    # 'é' composed and decomposed are two folders on Linux but one name to a reader (and to
+    # macOS): two classes that look the same would split one class's labels.
+    if twins := _unicode_twins(folders):
+        a, b = twins
+        raise PipelineError(f"imagefolder: class folders {folders[a]!r} and {folders[b]!r} "
+                            f"differ only in Unicode normalisation ({ascii(a)} vs {ascii(b)}); "
+                            "rename one")
     train_classes = sorted({c for s, c, _, _ in entries if s == "train"})
     if not train_classes:
         raise PipelineError(f"imagefolder layout: no images in {str(root / 'train')!r}/<class>/")
@@ -448,6 +555,11 @@ def load_npz(p: PrepareParams) -> Prepared:
                 raise PipelineError(f"{path}: classes must be a 1-D array of names, got "
                                     f"{names.dtype} {names.shape}")
             classes = [str(c) for c in names]
+            if twins := _unicode_twins(classes):
+                a, b = twins
+                same = (f"class name {a!r} appears twice" if a == b else f"class names "
+                        f"{ascii(a)} and {ascii(b)} are one name after Unicode normalisation")
+                raise PipelineError(f"{path}: {same} in classes; class names must be unique")
     for split, (_, y) in parts.items():
         bad = y[(y < -1) | (y >= len(classes))]
         if len(bad):
@@ -525,7 +637,12 @@ def check_data(data: str | Path, out: str | Path, k: int | None,
         queue_size: ``byol.online.queue_size`` when online neighbours are used, else None.
     """
     with np.load(data, allow_pickle=False) as z:  # lazy: the images stay on disk
-        split, labels = z["split"].astype(str), z["labels"]
+        split, labels, ids = z["split"].astype(str), z["labels"], z["ids"]
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        twice = unique[counts > 1]
+        raise PipelineError(f"{data}: {len(twice)} ids appear more than once (first: "
+                            f"{int(twice[0])}); every image needs its own id")
     n_train = int(np.isin(split, TRAINING_SPLITS).sum())
     if n_train < 2:
         raise PipelineError(f"{data}: {n_train} training images; at least 2 are needed")
@@ -540,6 +657,10 @@ def check_data(data: str | Path, out: str | Path, k: int | None,
         if not count:
             raise PipelineError(f"{data}: no labelled {s} images; the linear evaluation needs "
                                 "labels in both train and test")
+    classes = np.unique(labels[(split == "train") & (labels >= 0)])
+    if len(classes) < 2:
+        raise PipelineError(f"{data}: the labelled training images are all of one class "
+                            f"(label {int(classes[0])}); the evaluation needs at least 2 classes")
     counts = {"n_training": n_train, "n_labelled_train": labelled["train"],
               "n_labelled_test": labelled["test"], "k": k}
     write_json(out, counts)

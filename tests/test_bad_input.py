@@ -71,8 +71,25 @@ def test_k_not_below_the_training_images_fails_before_any_training(tmp_path):
     results = tmp_path / "results" / "synthetic"
     assert not (results / "data_checked.json").exists()
     trained = [p for name in ("model.pt", "neighbours.parquet", "state.pt", "encoder.pt")
-               for p in results.rglob(name) if "untrained" not in str(p)]
-    assert trained == []
+               for p in results.rglob(name)]
+    assert trained == []  # the untrained control waits for the check too
+
+
+def test_a_single_class_set_fails_at_the_data_check_before_any_training(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "one.npz", x_train=x[:30], y_train=np.zeros(30, np.int64),
+             x_test=x[30:], y_test=np.zeros(10, np.int64))
+    (tmp_path / "wf").mkdir()
+    wf = Workflow(tmp_path / "wf", tiny_config(
+        dataset={"name": "npz", "root": str(tmp_path / "one.npz")}))
+    proc = wf.run(check=False)
+    assert proc.returncode != 0
+    assert ("error: results/npz/data.npz: the labelled training images are all of one class "
+            "(label 0); the evaluation needs at least 2 classes") in proc.stdout + proc.stderr
+    results = tmp_path / "wf" / "results" / "npz"
+    made = [p.relative_to(results) for p in results.rglob("*")
+            if p.suffix in (".pt", ".parquet", ".json") and p.name != "experiment.json"]
+    assert made == []
 
 
 def prepared(path, labels, split):
@@ -94,7 +111,18 @@ def test_check_data_counts_and_refuses_unlabelled_sets(tmp_path):
     with pytest.raises(PipelineError, match=r"bare.npz: no labelled train images; the linear "
                                             r"evaluation needs labels in both train and test"):
         check_data(bare, tmp_path / "bare.json", None)
-    assert not (tmp_path / "k.json").exists() and not (tmp_path / "bare.json").exists()
+    one = prepared(tmp_path / "one.npz", [1, 1, 0, 1], ["train"] * 2 + ["test"] * 2)
+    with pytest.raises(PipelineError, match=r"one.npz: the labelled training images are all of "
+                                            r"one class \(label 1\); the evaluation needs at "
+                                            r"least 2 classes"):
+        check_data(one, tmp_path / "one.json", None)
+    with np.load(ok) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "dup.npz", **{**arrays, "ids": np.asarray([0, 1, 2, 1, 4])})
+    with pytest.raises(PipelineError, match=r"dup.npz: 1 ids appear more than once \(first: 1\)"
+                                            r"; every image needs its own id"):
+        check_data(tmp_path / "dup.npz", tmp_path / "dup.json", None)
+    assert not any((tmp_path / f"{n}.json").exists() for n in ("k", "bare", "one", "dup"))
 
 
 def wait_for(path, text, timeout=120.0):

@@ -6,19 +6,22 @@ from pipeline import PipelineError
 from pipeline.config import (
     build,
     byol_params,
-    dataset_tag,
     evaluate_params,
     field_schema,
     latent_params,
+    load_preset,
     load_schema,
     neighbours_params,
     parse_run_name,
+    presets,
+    read_config_file,
     resolve_config,
     run_name,
     runtime_params,
     validate_config,
 )
 from pipeline.evaluate import EvaluateParams
+from pipeline.experiments import WORKFLOW_CONFIG, experiment_tag
 
 
 def _walk(schema, path=""):
@@ -122,11 +125,11 @@ def test_digits_preset_never_reaches_another_data_set():
 def test_nested_command_line_strings_are_typed_by_the_schema():
     # What Snakemake hands over for --config 'byol={"epochs": 2, ...}' 'dataset={...}'.
     cfg = resolve_config({
-        "byol": {"epochs": "2", "seeds": ["0", "1"], "compile": "true"},
+        "byol": {"epochs": "3", "seeds": ["0", "1"], "compile": "true"},
         "dataset": {"max_train": "null", "download": "false", "tag": "007"},
         "latent": {"lr": "1e-3", "models": ["ae"]},
     })
-    assert cfg["byol"]["epochs"] == 2 and cfg["byol"]["seeds"] == [0, 1]
+    assert cfg["byol"]["epochs"] == 3 and cfg["byol"]["seeds"] == [0, 1]
     assert cfg["byol"]["compile"] is True and cfg["dataset"]["download"] is False
     assert cfg["dataset"]["max_train"] is None and cfg["dataset"]["tag"] == "007"
     assert cfg["latent"]["lr"] == 0.001 and cfg["latent"]["models"] == ["ae"]
@@ -139,8 +142,6 @@ def test_nested_command_line_strings_are_typed_by_the_schema():
     ({"latent": {"lr": float("inf")}}, "config key 'latent.lr': inf is not a finite number"),
     ({"seed": 2**64}, "config key 'seed': 18446744073709551616 is greater than the maximum"),
     ({"byol": {"seeds": [0, 2**33]}}, "config key 'byol.seeds.1': 8589934592 is greater"),
-    ({"dataset": {"tag": ".."}}, "config key 'dataset.tag': '..' would write outside results/"),
-    ({"dataset": {"tag": "a/b"}}, "config key 'dataset.tag': 'a/b' does not match"),
     ({"latent": {"models": []}}, "config key 'latent.models': [] is empty, but byol.variants"),
     ({"neighbours": {"metrics": []}}, "config key 'neighbours.metrics': [] should be non-empty"),
     ({"byol": {"variants": []}}, "config key 'byol.variants': [] should be non-empty"),
@@ -166,12 +167,13 @@ def test_runtime_switches_stay_out_of_stage_params():
 
 
 @pytest.mark.parametrize("files, tag", [
-    ([], "digits"), (["config.yaml"], "digits"), (["exp/cifar10.yaml"], "cifar10"),
-    (["a.yaml", "my run.yaml"], "my_run"),
+    ([], "digits"), ([WORKFLOW_CONFIG], "digits"), (["exp/cifar10.yaml"], "cifar10"),
+    (["a.yaml", "my run.yaml"], "my_run"), (["experiments/mine/config.yaml"], "mine"),
+    ([".hidden.yaml"], "hidden"),
 ])
 def test_experiment_folder_follows_the_config_file(files, tag):
-    assert dataset_tag(resolve_config({}), files) == tag
-    assert dataset_tag(resolve_config({"dataset": {"tag": "mine"}}), files) == "mine"
+    assert experiment_tag(resolve_config({}), files) == tag
+    assert experiment_tag(resolve_config({"dataset": {"tag": "mine"}}), files) == "mine"
 
 
 @pytest.mark.parametrize("module, cls, section", [
@@ -296,3 +298,140 @@ def test_readme_key_tables_agree_with_the_schema():
             assert value == sub["default"], f"README {dotted}: {value!r} vs {sub['default']!r}"
             checked += 1
     assert checked >= 40
+
+
+TAG_WORDS = ("is not a folder name; use letters, digits, '-', '_' or '.', not starting with '.' "
+             "(e.g. 'mnist-small')")
+
+
+@pytest.mark.parametrize("tag", [".", "..", "", "a/b", "a\\b", ".hidden", "../up", "my run"])
+def test_a_tag_that_is_not_a_folder_name_is_refused_in_words(tag):
+    with pytest.raises(PipelineError) as err:
+        resolve_config({"dataset": {"tag": tag}})
+    assert str(err.value) == f"config key 'dataset.tag': {tag!r} {TAG_WORDS}"
+    # The prepare stage's own entry point says the same.
+    from pipeline.prepare import PrepareParams
+
+    with pytest.raises(PipelineError) as via_params:
+        build(PrepareParams, {"tag": tag})
+    assert str(via_params.value) == str(err.value)
+
+
+@pytest.mark.parametrize("tag", ["mnist-small", "007", "run_1.v2", "a..b", "x."])
+def test_folder_name_tags_are_accepted(tag):
+    assert resolve_config({"dataset": {"tag": tag}})["dataset"]["tag"] == tag
+
+
+@pytest.mark.parametrize("byol, message", [
+    ({"epochs": 3, "warmup_epochs": 5},
+     "config key 'byol.warmup_epochs': 5 must be less than byol.epochs (3); the learning rate "
+     "would never reach byol.lr; lower it (0 = no warm-up) or raise byol.epochs"),
+    ({"epochs": 3, "warmup_epochs": 3},
+     "config key 'byol.warmup_epochs': 3 must be less than byol.epochs (3); the learning rate "
+     "would reach byol.lr only on the last step and never decay; lower it (0 = no warm-up) or "
+     "raise byol.epochs"),
+    ({"epochs": 1},  # the default warm-up of 2 epochs
+     "config key 'byol.warmup_epochs': 2 must be less than byol.epochs (1); the learning rate "
+     "would never reach byol.lr; lower it (0 = no warm-up) or raise byol.epochs"),
+    ({"epochs": 4, "neighbour_warmup_epochs": 4},
+     "config key 'byol.neighbour_warmup_epochs': 4 must be less than byol.epochs (4); the "
+     "neighbours' share would never reach its set value; lower it (0 = full from the start) "
+     "or raise byol.epochs"),
+    ({"epochs": 4, "neighbour_warmup_epochs": 9, "variants": ["baseline", "topk"]},
+     "config key 'byol.neighbour_warmup_epochs': 9 must be less than byol.epochs (4)"),
+])
+def test_a_warm_up_as_long_as_training_is_refused(byol, message):
+    with pytest.raises(PipelineError) as err:
+        resolve_config({"byol": byol})
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("byol", [
+    {"epochs": 3, "warmup_epochs": 2, "neighbour_warmup_epochs": 2},
+    {"epochs": 1, "warmup_epochs": 0},
+    {"epochs": 1, "warmup_epochs": 0, "neighbour_warmup_epochs": 0},
+    # Baseline runs never read the neighbours' ramp, so a baseline-only grid ignores it.
+    {"epochs": 2, "warmup_epochs": 1, "neighbour_warmup_epochs": 5, "variants": ["baseline"]},
+])
+def test_a_warm_up_shorter_than_training_is_accepted(byol):
+    cfg = resolve_config({"byol": byol})
+    assert {k: cfg["byol"][k] for k in byol} == byol
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seed: 0\nlatent:\n  dim: 4\nseed: 1\n",
+     "config file 'exp.yaml': key 'seed' appears twice (lines 1 and 4); keep one"),
+    ("seed: 0\nbyol:\n  lr: 0.01\n  epochs: 5\n  lr: 0.02\n",
+     "config file 'exp.yaml': key 'byol.lr' appears twice (lines 3 and 5); keep one"),
+    ("byol: {lr: 0.01, lr: 0.02}\n",
+     "config file 'exp.yaml': key 'byol.lr' appears twice (lines 1 and 1); keep one"),
+    ("byol:\n  view1: {blur_prob: 1.0}\n  view1:\n    blur_prob: 0.5\n",
+     "config file 'exp.yaml': key 'byol.view1' appears twice (lines 2 and 3); keep one"),
+    ("seed: 0\n'seed': 1\n",
+     "config file 'exp.yaml': key 'seed' appears twice (lines 1 and 2); keep one"),
+    ('{\n\t"seed": 0,\n\t"latent": {"dim": 4, "dim": 8}\n}\n',
+     "config file 'exp.yaml': key 'latent.dim' appears twice (lines 3 and 3); keep one"),
+    ("- seed: 0\n- seed: 1\n",
+     "config file 'exp.yaml': the top level is a list, not a mapping of keys to values "
+     "(e.g. 'seed: 0')"),
+    ("just words\n",
+     "config file 'exp.yaml': the top level is a string, not a mapping of keys to values "
+     "(e.g. 'seed: 0')"),
+    ("seed: 0\nlatent: {dim: 4\n",
+     "config file 'exp.yaml': not valid YAML at line 3, column 1: expected ',' or '}', but got "
+     "'<stream end>' (while parsing a flow mapping at line 2)"),
+    ("seed: 0\n\tlatent: {dim: 4}\n",
+     "config file 'exp.yaml': not valid YAML at line 2, column 1: found character '\\t' that "
+     "cannot start any token (while scanning for the next token)"),
+    ("latent:\n  dim: 4\n epochs: 2\n",
+     "config file 'exp.yaml': not valid YAML at line 3, column 2: expected <block end>, but "
+     "found '<block mapping start>' (while parsing a block mapping at line 1)"),
+])
+def test_a_config_file_yaml_would_misread_is_refused_in_one_line(tmp_path, monkeypatch, text,
+                                                                  message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(PipelineError) as err:
+        read_config_file("exp.yaml")
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("text, config", [
+    ("", {}),
+    ("# only a comment\n", {}),
+    ("seed: 3\nbyol: {lr: 0.01, epochs: 5}\nlatent:\n  vae: {epochs: 4}\n  ae: {epochs: 4}\n",
+     {"seed": 3, "byol": {"lr": 0.01, "epochs": 5}, "latent": {"vae": {"epochs": 4},
+                                                                "ae": {"epochs": 4}}}),
+    ('{\n\t"seed": 3,\n\t"byol": {"lr": 1e-3}\n}\n', {"seed": 3, "byol": {"lr": 0.001}}),
+    ("base: &b {lr: 0.01}\nother:\n  <<: *b\n  lr: 0.02\n",
+     {"base": {"lr": 0.01}, "other": {"lr": 0.02}}),
+])
+def test_a_well_formed_config_file_reads_as_yaml_does(tmp_path, text, config):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    assert read_config_file(path) == config
+
+
+def test_every_shipped_config_and_preset_reads_strictly_and_resolves():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "config.yaml", *sorted((root / "config").glob("*.yaml"))]
+    assert len(files) > 1
+    for path in files:
+        cfg = resolve_config(read_config_file(path))
+        assert cfg["byol"]["warmup_epochs"] < cfg["byol"]["epochs"], path
+    for name in presets():
+        assert resolve_config({**load_preset(name), "preset": "none"})
+
+
+def test_a_preset_is_read_as_strictly_as_a_config_file(tmp_path, monkeypatch):
+    import pipeline.config
+
+    (tmp_path / "twice.yaml").write_text("byol:\n  batch_size: 64\n  batch_size: 32\n")
+    monkeypatch.setattr(pipeline.config, "PRESETS", tmp_path)
+    with pytest.raises(PipelineError) as err:
+        resolve_config({"preset": "twice"})
+    assert str(err.value) == (f"config file {str(tmp_path / 'twice.yaml')!r}: key "
+                              "'byol.batch_size' appears twice (lines 2 and 3); keep one")

@@ -58,3 +58,79 @@ def test_the_bare_command_uses_the_local_profile(workflow):
 def test_the_slurm_profile_is_chosen_by_name(workflow):
     proc = workflow.run("--workflow-profile", "slurm", "--dry-run")
     assert "workflow specific profile profiles/slurm" in proc.stderr
+
+
+# A grid of three cheap jobs' worth of training: the baseline only, one seed, one epoch.
+SMALL = {"latent": {"models": []}, "neighbours": {"pixels": False},
+         "byol": {"variants": ["baseline"], "epochs": 1, "warmup_epochs": 0, "seeds": [0]},
+         "evaluate": {"untrained": False}}
+
+
+def _write(path, config):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return str(path.relative_to(path.parents[2]))
+
+
+def _error(proc):
+    """The first line of the workflow's own message (Snakemake's banner lines come before)."""
+    return next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_named_configs_in_two_folders_never_overwrite_each_other(workflow):
+    first = _write(workflow.path / "experiments" / "a" / "exp.yaml", tiny_config(**SMALL))
+    second = _write(workflow.path / "experiments" / "b" / "exp.yaml",
+                    tiny_config(**SMALL, seed=1))
+    workflow.run("results/linear_eval.csv", "--configfile", first)
+    folder = workflow.path / "results" / "exp"
+    owner = yaml.safe_load((folder / "experiment.json").read_text())
+    assert owner["config_file"] == str(workflow.path / first)
+    before = _files(folder)
+    proc = workflow.run("results/linear_eval.csv", "--configfile", second, check=False)
+    assert proc.returncode == 1
+    assert _error(proc) == (
+        f"error: results/exp holds the experiment of {first}; {second} is a different config "
+        "and would overwrite it: give it a folder of its own with dataset.tag (in the file, "
+        "or --config 'dataset={\"tag\": \"NAME\"}'), or delete results/exp to start over")
+    assert _files(folder) == before
+    # The same file, edited, re-uses its folder; a tag gives the other one its own.
+    workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", first)
+    proc = workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", second,
+                        "--config", 'dataset={"tag": "b-exp"}')
+    assert "results/b-exp/data.npz" in proc.stdout
+
+
+def test_experiments_laid_out_as_name_slash_config_yaml_get_the_folder_name(workflow):
+    mine = _write(workflow.path / "experiments" / "mine" / "config.yaml", tiny_config(**SMALL))
+    proc = workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", mine)
+    assert "results/mine/data.npz" in proc.stdout
+    # The workflow's own config.yaml, named explicitly, is the default experiment.
+    proc = workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", "config.yaml")
+    assert "results/synthetic/data.npz" in proc.stdout
+    assert not (workflow.path / "results").exists()  # a dry run claims no folder
+
+
+def test_the_report_is_of_the_given_config_and_refuses_another_folder(workflow):
+    mine = _write(workflow.path / "experiments" / "mine" / "config.yaml", tiny_config(**SMALL))
+    proc = workflow.run("--report", "results/mine/report.html", check=False)
+    assert proc.returncode == 1
+    assert _error(proc) == (
+        "error: --report results/mine/report.html is not in results/synthetic, the folder of "
+        "config.yaml: add --configfile the experiment's config to report that experiment")
+    proc = workflow.run("--report", "results/mine/report.html", "--configfile", mine,
+                        check=False)
+    assert proc.returncode == 1
+    assert _error(proc) == (
+        "error: results/mine has no results yet (results/mine/linear_eval.csv is missing): run "
+        f"snakemake --cores 8 results/linear_eval.csv --configfile {mine} first, then the report")
+    workflow.run("results/linear_eval.csv", "--configfile", mine)
+    # Once the folder has an owner, the refusal names the config to pass.
+    proc = workflow.run("--report", "results/mine/report.html", check=False)
+    assert _error(proc).endswith(
+        f"add --configfile {mine} to report that experiment")
+    workflow.run("--report", "results/mine/report.html", "--configfile", mine)
+    assert (workflow.path / "results" / "mine" / "report.html").stat().st_size > 10_000

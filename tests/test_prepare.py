@@ -1,6 +1,7 @@
 """The prepare stage: each loader's output format, and a clear error for each bad input."""
 
 import gzip
+import re
 import struct
 import tarfile
 
@@ -11,7 +12,7 @@ from PIL import Image
 from pipeline import PipelineError
 from pipeline.__main__ import main
 from pipeline.config import build
-from pipeline.io import load_prepared
+from pipeline.io import Prepared, load_prepared, save_prepared
 from pipeline.prepare import PrepareParams, SyntheticParams, check_source, prepare
 
 
@@ -359,3 +360,192 @@ def test_missing_root_hints_download_only_for_torchvision_sets(tmp_path, name, h
     message = str(err.value)
     assert message.startswith(f"dataset.root '{tmp_path / 'none'}' does not exist")
     assert ("dataset.download" in message) == hint
+
+
+# ------------------------------------------------------------ image modes, names, links
+
+
+def folder_of(root, images, classes=("cat",)):
+    """root/{train,test}/<class>/<name> for every (name, PIL image) of ``images``."""
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for name, img in images.items():
+                img.save(root / split / c / name)
+    return root
+
+
+def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
+    pixels = np.array([[0, 257, 40000, 65535]], np.uint16)
+    root = folder_of(tmp_path / "imgs", {"0.png": Image.fromarray(pixels)})
+    assert Image.open(root / "train" / "cat" / "0.png").mode == "I;16"
+    data = prepare(params(name="imagefolder", root=str(root)), tmp_path / "o.npz")
+    assert data.images.shape == (2, 1, 4, 1)
+    assert data.images[0, 0, :, 0].tolist() == [0, 1, 155, 255]  # Image.convert("L"): 255s
+
+
+def test_16bit_pgm_opens_as_mode_i_and_is_scaled_the_same(tmp_path):
+    pgm = b"P5\n2 1\n65535\n" + np.array([40000, 65535], ">u2").tobytes()
+    root = folder_of(tmp_path / "imgs", {})
+    for split in ("train", "test"):
+        (root / split / "cat" / "0.pgm").write_bytes(pgm)
+    assert Image.open(root / "train" / "cat" / "0.pgm").mode == "I"
+    data = prepare(params(name="imagefolder", root=str(root)), tmp_path / "o.npz")
+    assert data.images[0, 0, :, 0].tolist() == [155, 255]
+
+
+def test_32bit_integer_image_beyond_16_bits_is_refused(tmp_path):
+    wide = Image.fromarray(np.array([[-5, 70000]], np.int32))
+    root = folder_of(tmp_path / "imgs", {"0.tif": wide})
+    fails_cleanly(root, r"^unreadable image .*train/cat/0.tif: Pillow mode 'I' \(32-bit integer\)"
+                        r" with values in \[-5, 70000\], outside the 16-bit range \[0, 65535\]; "
+                        r"save it as 8-bit grey or RGB \(or 16-bit grey\)$", tmp_path)
+
+
+@pytest.mark.parametrize("mode, pixel", [("F", 0.5), ("LAB", (50, 10, 10))])
+def test_float_and_lab_images_are_refused_naming_the_file(tmp_path, capsys, mode, pixel):
+    root = folder_of(tmp_path / "imgs", {"0.tif": Image.new(mode, (2, 2), pixel)})
+    assert Image.open(root / "train" / "cat" / "0.tif").mode == mode
+    out = tmp_path / "o.npz"
+    rc = main(["prepare", "--params", f'{{"name": "imagefolder", "root": "{root}"}}',
+               "--out", str(out)])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: unreadable image {root}/train/cat/0.tif: Pillow mode '{mode}' is not "
+        "supported; save it as 8-bit grey or RGB (or 16-bit grey)"]
+    assert not out.exists()
+
+
+def test_alpha_palette_and_bilevel_images_follow_the_mode_rule(tmp_path):
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10])
+    palette.info["transparency"] = 1  # dropped with alpha, like RGBA's
+    images = {
+        "a_rgba.png": Image.new("RGBA", (2, 2), (10, 20, 30, 0)),  # alpha dropped, no compositing
+        "b_palette.gif": palette,
+        "c_grey_alpha.png": Image.new("LA", (2, 2), (90, 0)),  # grey, promoted to RGB
+        "d_bilevel.png": Image.new("1", (2, 2), 1),
+        "e_cmyk.tif": Image.new("CMYK", (2, 2), (0, 255, 255, 0)),
+    }
+    root = folder_of(tmp_path / "imgs", images)
+    assert [Image.open(root / "train" / "cat" / n).mode for n in images] == [
+        "RGBA", "P", "LA", "1", "CMYK"]
+    data = prepare(params(name="imagefolder", root=str(root)), tmp_path / "o.npz")
+    assert data.images.shape == (10, 2, 2, 3)
+    assert data.images[:5, 0, 0].tolist() == [[10, 20, 30], [200, 10, 10], [90, 90, 90],
+                                              [255, 255, 255], [255, 0, 0]]
+
+
+def test_long_class_names_are_kept_whole(tmp_path):
+    # Stored as U64, these three classes came back as two (cut to their common 64 characters).
+    names = ["n" * 64 + suffix for suffix in ("-one-x", "-one-y", "-two-long-suffix")]
+    root = make_folder(tmp_path / "imgs", classes=names, per=1)
+    data = prepare(params(name="imagefolder", root=str(root)), tmp_path / "o.npz")
+    assert data.classes == sorted(names)
+    assert load_prepared(tmp_path / "o.npz").classes == sorted(names)
+
+
+def test_prepared_files_with_fixed_width_or_no_class_names_load(tmp_path):
+    old = tmp_path / "old.npz"  # written before class names were stored whole
+    np.savez(old, images=np.zeros((2, 1, 1, 1), np.uint8), labels=np.array([0, 1]),
+             split=np.array(["train", "test"], dtype="U9"), ids=np.arange(2),
+             classes=np.asarray(["cat", "dog"], dtype="U64"))
+    assert load_prepared(old).classes == ["cat", "dog"]
+    none = Prepared(np.zeros((2, 1, 1, 1), np.uint8), np.array([-1, -1]),
+                    np.array(["unlabeled"] * 2), np.arange(2), [])
+    save_prepared(tmp_path / "none.npz", none)
+    assert load_prepared(tmp_path / "none.npz").classes == []
+
+
+def test_class_folders_equal_after_nfc_normalisation_are_refused(tmp_path):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    root = make_folder(tmp_path / "imgs", classes=(composed, decomposed), per=1)
+    message = (r"imagefolder: class folders '.*train/cafe\u0301' and '.*train/caf\u00e9' differ"
+               r" only in Unicode normalisation \('cafe\\u0301' vs 'caf\\xe9'\); rename one$")
+    fails_cleanly(root, "^" + message, tmp_path)
+    fails_cleanly(tar_of(root, tmp_path / "imgs.tar"), message, tmp_path)
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["cat", "cat", "dog"], r"class name 'cat' appears twice in classes; class names must be "
+                            r"unique$"),
+    (["caf\u00e9", "cafe\u0301", "dog"], r"class names 'caf\\xe9' and 'cafe\\u0301' are one name "
+                                         r"after Unicode normalisation in classes"),
+    (["cat", "dog"], r"y_train label 2 out of range \[-1, 1\]$"),  # fewer names than labels
+])
+def test_npz_class_names_must_be_unique_and_enough(tmp_path, classes, message):
+    path = write_npz(tmp_path / "x.npz", classes=np.array(classes))
+    fails_cleanly(path, f"^{re.escape(str(path))}: {message}", tmp_path, "npz")
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("loop.png", "Too many levels of symbolic links"), ("gone.png", "No such file or directory")])
+def test_broken_image_symlink_is_an_error_naming_it(tmp_path, target, reason):
+    root = make_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "loop.png").symlink_to(target)
+    fails_cleanly(root, rf"^unreadable image .*/train/cat/loop.png: broken symbolic link to "
+                        rf"'{target}' \({reason}\)$", tmp_path)
+
+
+def test_hidden_and_non_image_entries_keep_their_rules(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    cat = root / "train" / "cat"
+    (cat / ".hidden.png").symlink_to(".hidden.png")  # hidden: ignored, even when broken
+    (cat / ".DS_Store").write_bytes(b"junk")
+    (cat / "link").symlink_to("nowhere")  # a broken link without an image suffix: ignored
+    good = make_folder(tmp_path / "good")
+    np.testing.assert_array_equal(
+        prepare(params(name="imagefolder", root=str(root)), tmp_path / "a.npz").images,
+        prepare(params(name="imagefolder", root=str(good)), tmp_path / "b.npz").images)
+    (cat / "notes.txt").write_text("hello")  # a folder's files are all images to be read...
+    fails_cleanly(root, r"^unreadable image .*cat/notes.txt: not a format Pillow can read",
+                  tmp_path)
+    (cat / "link").unlink()
+    (cat / ".hidden.png").unlink()
+    archive = tar_of(root, tmp_path / "imgs.tar")  # ...a tar's, those with image suffixes
+    assert len(prepare(params(name="imagefolder", root=str(archive)), tmp_path / "c.npz").ids) == 12
+
+
+def test_tar_links_are_followed_within_the_archive_or_refused(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    cat = root / "train" / "cat"
+    (cat / "hard.png").hardlink_to(cat / "0.png")  # tar stores it as a link member
+    (cat / "soft.png").symlink_to("2.png")
+    data = prepare(params(name="imagefolder", root=str(tar_of(root, tmp_path / "a.tar"))),
+                   tmp_path / "a.npz")
+    assert (data.split == "train").sum() == 8
+    (cat / "out.png").symlink_to(tmp_path / "elsewhere.png")
+    Image.new("RGB", (6, 6)).save(tmp_path / "elsewhere.png")
+    fails_cleanly(tar_of(root, tmp_path / "b.tar"),
+                  rf"^unreadable image train/cat/out.png: symbolic link to "
+                  rf"'{tmp_path}/elsewhere.png' does not lead to a file in the archive "
+                  r"\(archive with tar --dereference\)$", tmp_path)
+
+
+def _file_size_limit(limit: int):
+    """A child process whose files may not grow past ``limit`` bytes: writes then fail with
+    EFBIG, as a full disk fails them with ENOSPC (SIGXFSZ ignored, so the write returns)."""
+    import resource
+    import signal
+
+    def limit_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "results" / "data.npz"
+    cmd = [sys.executable, "-m", "pipeline", "prepare", "--out", str(out),
+           "--params", json.dumps({"name": "digits"})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path,
+                          preexec_fn=_file_size_limit(20_000), timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot write results/data.npz: File too large"]
+    assert list(out.parent.iterdir()) == []  # neither data.npz nor its temporary file

@@ -154,6 +154,7 @@ rule byol_untrained:
     """The randomly initialised encoder: the control that shows what training added."""
     input:
         data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
         code=sources("byol_encoder.py", "byol_model.py", "backbones.py"),
     output:
         encoder=f"{R}/byol/untrained/seed{{seed}}/encoder.pt",

@@ -14,7 +14,7 @@ from pipeline.config import (
     as_param,
     build,
     byol_params,
-    dataset_tag,
+    read_config_file,
     evaluate_params,
     latent_params,
     neighbours_params,
@@ -24,6 +24,13 @@ from pipeline.config import (
     VARIANTS as ALL_VARIANTS,
     runtime_params,
 )
+from pipeline.experiments import (
+    check_owner,
+    check_report,
+    experiment_tag,
+    record_owner,
+    report_path,
+)
 from pipeline.prepare import PrepareParams, check_source
 
 
@@ -31,9 +38,21 @@ from pipeline.prepare import PrepareParams, check_source
 # so another experiment never inherits the embedded digits experiment's grid.
 _USER_FILES = [str(f) for f in workflow.overwrite_configfiles]
 _user = dict(workflow.config_settings.overwrite_config) if _USER_FILES else dict(config)
+# The config file that owns this experiment's folder (the last --configfile, else config.yaml).
+_CONFIG_FILE = (_USER_FILES or [str(f) for f in workflow.configfiles] or ["config.yaml"])[-1]
 try:
+    # Snakemake keeps the last of a key given twice; a config file gets one line instead.
+    read_config_file(_CONFIG_FILE)
     _checked = resolve_config(_user)
     check_source(build(PrepareParams, prepare_params(_checked)))
+    DS = experiment_tag(_checked, _USER_FILES)
+    R = f"results/{DS}"
+    if workflow.is_main_process:
+        # Before any job: another config's folder is refused, a report shows this config's.
+        check_owner(R, _CONFIG_FILE, _checked)
+        _REPORT = report_path(sys.argv)
+        if _REPORT is not None:
+            check_report(_REPORT, R, _CONFIG_FILE, f"{R}/linear_eval.csv")
 except PipelineError as error:
     # One line naming the key, before any traceback-shaped framing.
     print(f"error: {error}", file=sys.stderr)
@@ -41,8 +60,13 @@ except PipelineError as error:
 config.clear()
 config.update(_checked)
 
-DS = dataset_tag(config, _USER_FILES)
-R = f"results/{DS}"
+
+onstart:
+    # Only a run that starts jobs claims the folder (never a dry run or a report).
+    if workflow.is_main_process:
+        record_owner(R, _CONFIG_FILE, config)
+
+
 LOGS = f"{R}/logs"
 SRC = Path(workflow.basedir) / "pipeline"
 ENV = "../envs/nnbyol.yaml"
@@ -184,7 +208,7 @@ def report_inputs(wildcards):
                                          "per_class", "embeddings", "byol_histories")]
     tables = ["linear_eval.csv", "summary.csv", "linear_eval.html", "summary.html",
               "overview.rst"]
-    return figures + [f"{R}/neighbours/purity.csv"] + [f"{R}/{t}" for t in tables]
+    return figures + purity_table(wildcards) + [f"{R}/{t}" for t in tables]
 
 
 def latent_cfg(wildcards):

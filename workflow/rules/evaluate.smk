@@ -2,6 +2,7 @@ rule evaluate_pixels:
     """Linear probe on standardised raw pixels: the floor every representation must beat."""
     input:
         data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
         code=sources("evaluate.py"),
     output:
         eval_json("pixels"),
@@ -26,6 +27,7 @@ rule evaluate_latent:
     input:
         source=f"{R}/latent/{{model}}/latents.parquet",
         data=f"{R}/data.npz",
+        checked=ancient(CHECKED),
         code=sources("evaluate.py"),
     output:
         os.path.join(R, "eval", "latent-{model}.json"),
