@@ -27,10 +27,13 @@ lint: install
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/snakemake --lint
 
-# The card's target builds the tables and every figure the report shows.
+# The card's target builds the tables and every figure the report shows; the report goes
+# into the experiment's own folder: `make report CONFIG=experiments/mine/config.yaml`.
+CONFIG ?= config.yaml
 report: install
-	$(SMK) --cores $(CORES) results/linear_eval.csv
-	$(SMK) --report results/digits/report.html
+	$(SMK) --cores $(CORES) results/linear_eval.csv --configfile $(CONFIG)
+	$(SMK) --report "$$($(BIN)/python -m pipeline experiment-dir $(CONFIG))/report.html" \
+		--configfile $(CONFIG)
 
 # The side-by-side against lightly: the optional `peer` extra, never needed by run or test.
 bench-peer: install

@@ -106,6 +106,14 @@ def _figures(a):
                    a.purity, a.curves, a.per_class, a.embeddings)
 
 
+def _experiment_dir(a):
+    from pipeline.config import read_config_file, resolve_config
+    from pipeline.experiments import experiment_tag
+
+    config = resolve_config(read_config_file(a.config))
+    print(f"results/{experiment_tag(config, [a.config])}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS")
@@ -122,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
         if device:
             s.add_argument("--device", default="auto")
         return s
+
+    s = stage("experiment-dir", _experiment_dir)
+    s.add_argument("config", type=Path, help="the config file, as given to --configfile")
 
     s = stage("prepare", _prepare, params=True)
     s.add_argument("--out", type=Path, required=True)

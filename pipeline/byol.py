@@ -523,6 +523,9 @@ def train_byol(
                                params.lars_eta, params.wd_exclude_bias_norm,
                                params.lars_exclude_bias_norm)
     batch = min(params.batch_size, n)
+    if batch < params.batch_size:
+        log.warning("WARNING: byol.batch_size %d is larger than the %d training images: "
+                    "training with batches of %d (one step per epoch)", params.batch_size, n, n)
     start_epoch, rows = 0, []
     if ck:
         online.load_state_dict(ck["online"])
@@ -602,6 +605,9 @@ def _finish(loop: _Loop, rows: list[dict], run: _Run, device: str, state: Path, 
         "optimizer": p.optimizer, "batch_size": loop.batch,
         "precision": loop.precision,
     }
+    if loop.batch < p.batch_size:
+        summary["notes"] = (f"byol.batch_size {p.batch_size} clamped to the {loop.batch} "
+                            "training images")
     if final["neighbour_purity"] != "":
         summary["neighbour_purity"] = final["neighbour_purity"]
     encoder = {k: v.detach().cpu() for k, v in loop.online.encoder.state_dict().items()}

@@ -19,10 +19,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def read_folder(root: str | Path, size: int, channels: int) -> tuple[np.ndarray, list[str]]:
     """Every image file under ``root`` (sorted by path), as uint8 (N, size, size, channels).
 
-    Images are converted to grey (1 channel) or RGB (3) and resized to the encoder's square
+    Images are converted to grey (1 channel) or RGB (3) by prepare's rule (16-bit grey scaled,
+    EXIF orientation applied, unsupported modes refused) and resized to the encoder's square
     side, as ``prepare`` does for an image folder with ``dataset.resize``.
     """
     from PIL import Image, UnidentifiedImageError
+
+    from pipeline.prepare import to_grey_or_rgb
 
     root = Path(root)
     if not root.is_dir():
@@ -35,7 +38,8 @@ def read_folder(root: str | Path, size: int, channels: int) -> tuple[np.ndarray,
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                im = im.convert(mode).resize((size, size), Image.BILINEAR)
+                im = to_grey_or_rgb(im, str(f)).convert(mode)
+                im = im.resize((size, size), Image.BILINEAR)
                 out[i] = np.asarray(im).reshape(size, size, channels)
         except (OSError, UnidentifiedImageError) as e:
             raise PipelineError(f"{f}: cannot read image ({e})") from None

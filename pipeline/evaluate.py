@@ -196,9 +196,15 @@ def evaluate(
     n_classes = max(len(data.classes), int(max(y_tr.max(), y_te.max())) + 1)
     probe = linear_probe(x_tr, y_tr, x_te, n_classes, params.C, params.max_iter, seed or 0)
     scores = {"": probe}
+    used = {}
     for k in params.knn_k:
         scores[f"knn{k}_"] = weighted_knn_scores(x_tr, y_tr, x_te, n_classes, k,
                                                  params.knn_temperature)
+        # The column keeps the configured k's name; knn<k>_k says how many voted.
+        used[f"knn{k}_k"] = min(k, len(x_tr))
+        if used[f"knn{k}_k"] < k:
+            print(f"WARNING: evaluate.knn_k {k} is more than the {len(x_tr)} labelled training "
+                  f"images: knn{k} columns vote with k = {len(x_tr)}", flush=True)
     metrics = {f"{prefix}{name}": value for prefix, s in scores.items()
                for name, value in accuracies(s, y_te, n_classes).items()}
     row = {
@@ -207,6 +213,7 @@ def evaluate(
         **columns,
         "seed": seed,
         **metrics,
+        **used,
         "feature_dim": int(feats.shape[1]),
         "n_train": int(tr.sum()),
         "n_test": int(te.sum()),

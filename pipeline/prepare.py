@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import PipelineError
 from pipeline.io import TRAINING_SPLITS, Prepared, save_prepared, write_json
@@ -277,12 +277,14 @@ IMAGE_MODES: dict[str, Callable[[Image.Image, str], Image.Image]] = {
 
 
 def to_grey_or_rgb(img: Image.Image, name: str) -> Image.Image:
-    """``img`` as 8-bit grey (mode L) or RGB by the rule of ``IMAGE_MODES``; else PipelineError."""
+    """``img`` upright (its EXIF orientation applied, as a photo viewer shows it) as 8-bit
+    grey (mode L) or RGB by the rule of ``IMAGE_MODES``; else PipelineError. Only the first
+    frame of an animated or multi-page file is read."""
     convert = IMAGE_MODES.get(img.mode)
     if convert is None:
         raise PipelineError(f"unreadable image {name}: Pillow mode {img.mode!r} is not "
                             f"supported; {_SAVE_AS}")
-    return convert(img, name)
+    return convert(ImageOps.exif_transpose(img), name)
 
 
 def _decode(name: str, raw: bytes, resize: int | None) -> np.ndarray:

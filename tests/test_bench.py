@@ -78,7 +78,8 @@ def test_bench_byol_placements_smoke(capsys):
 @pytest.mark.slow
 def test_bench_byol_accuracy_smoke(capsys, one_thread):
     _load("bench_byol").main(["--device", "cpu", "--accuracy", "--epochs", "1",
-                              "--max-train", "120", "--params", '{"batch_size": 32}'])
+                              "--max-train", "120", "--params",
+                              '{"batch_size": 32, "warmup_epochs": 0}'])
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[2]) for line in out.splitlines()
             if line.startswith("  ")}

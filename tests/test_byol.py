@@ -575,3 +575,15 @@ def test_channel_stats_match_numpy_in_chunks():
     ref = x.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-10)
     np.testing.assert_allclose(std, ref.std(0), rtol=1e-8)
+
+
+def test_a_batch_larger_than_the_training_set_is_clamped_with_a_warning_and_a_note(
+        tmp_path, data, capsys):
+    out = run(tmp_path, data, "big", batch_size=64)
+    assert ("WARNING: byol.batch_size 64 is larger than the 40 training images: training "
+            "with batches of 40 (one step per epoch)") in capsys.readouterr().err
+    _, summary = encode_checkpoint(out, load_prepared(data), "cpu")
+    assert summary["batch_size"] == 40
+    assert summary["notes"] == "byol.batch_size 64 clamped to the 40 training images"
+    _, fits = encode_checkpoint(run(tmp_path, data, "fits"), load_prepared(data), "cpu")
+    assert "notes" not in fits

@@ -298,3 +298,17 @@ def test_figures_say_why_when_there_is_nothing_to_compare(tmp_path):
     paired_chart(s, tmp_path / "p.png")
     accuracy_vs_purity(s, tmp_path / "a.png")
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "a.png").exists()
+
+
+def test_knn_columns_say_the_k_that_voted_when_training_images_are_fewer(tmp_path, capsys):
+    prepare(PrepareParams(name="synthetic"), tmp_path / "s.npz")
+    row = evaluate(EvaluateParams(knn_k=[20, 200]), "pixels", tmp_path / "s.npz",
+                   tmp_path / "s.npz", tmp_path / "pixels.json", dataset="synthetic")
+    assert row["n_train"] == 128
+    assert (row["knn20_k"], row["knn200_k"]) == (20, 128)
+    out = capsys.readouterr().out
+    assert ("WARNING: evaluate.knn_k 200 is more than the 128 labelled training images: "
+            "knn200 columns vote with k = 128") in out
+    assert "evaluate.knn_k 20 " not in out
+    aggregate([tmp_path / "pixels.json"], tmp_path / "t.csv")
+    assert pd.read_csv(tmp_path / "t.csv").loc[0, "knn200_k"] == 128

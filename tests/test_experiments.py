@@ -134,3 +134,16 @@ def test_the_report_is_of_the_given_config_and_refuses_another_folder(workflow):
         f"add --configfile {mine} to report that experiment")
     workflow.run("--report", "results/mine/report.html", "--configfile", mine)
     assert (workflow.path / "results" / "mine" / "report.html").stat().st_size > 10_000
+
+
+def test_experiment_dir_prints_the_folder_make_report_writes_into(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    mine = tmp_path / "experiments" / "mine" / "config.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("dataset: {name: synthetic}\n")
+    assert main(["experiment-dir", str(mine)]) == 0
+    assert capsys.readouterr().out == "results/mine\n"
+    mine.write_text("dataset: {name: synthetic, tag: small}\n")
+    assert main(["experiment-dir", str(mine)]) == 0
+    assert capsys.readouterr().out == "results/small\n"

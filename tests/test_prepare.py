@@ -1,6 +1,7 @@
 """The prepare stage: each loader's output format, and a clear error for each bad input."""
 
 import gzip
+import io
 import re
 import struct
 import tarfile
@@ -549,3 +550,16 @@ def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(tmp_path)
     assert proc.stderr.strip().splitlines() == [
         "error: cannot write results/data.npz: File too large"]
     assert list(out.parent.iterdir()) == []  # neither data.npz nor its temporary file
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    from pipeline.prepare import _decode
+
+    img = np.zeros((4, 8), np.uint8)
+    img[0, :] = 255  # a bright top row, stored sideways with "rotate 90 CW to view"
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(buf, format="PNG", exif=exif)
+    upright = _decode("photo.png", buf.getvalue(), None)
+    assert upright.shape == (8, 4) and (upright[:, -1] == 255).all()
