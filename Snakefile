@@ -11,7 +11,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/latent.smk"
 include: "workflow/rules/neighbours.smk"
-include: "workflow/rules/byol.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 
 

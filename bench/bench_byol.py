@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.augment import AugmentParams, augment, normalise, to_float  # noqa: E402
 from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.byol import ByolParams, autocast_for, byol_step, step_dtype  # noqa: E402
-from pipeline.byol_model import Online, Target  # noqa: E402
-from pipeline.byol_optim import make_optimizer  # noqa: E402
-from pipeline.byol_variants import VARIANTS, Batch  # noqa: E402
+from pipeline.train.loop import ByolParams, autocast_for, byol_step, step_dtype  # noqa: E402
+from pipeline.train.methods.byol import Online, Target  # noqa: E402
+from pipeline.train.optim import make_optimizer  # noqa: E402
+from pipeline.train.uses import VARIANTS, Batch  # noqa: E402
 from pipeline.config import field_schema  # noqa: E402
 from pipeline.device import LAYOUT  # noqa: E402
 
@@ -232,8 +232,8 @@ def accuracy(args):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.byol import encode_checkpoint, train_byol
-    from pipeline.byol_encoder import write_untrained
+    from pipeline.train.loop import encode_checkpoint, train_byol
+    from pipeline.train.encoder import write_untrained
     from pipeline.config import build, byol_params, resolve_config
     from pipeline.evaluate import linear_probe
     from pipeline.io import TRAINING_SPLITS, load_prepared

@@ -19,7 +19,7 @@ the same batch size, epochs, projector/predictor sizes and seed:
   image) in DataLoader workers, ``BYOLProjectionHead``/``BYOLPredictionHead``,
   ``NegativeCosineSimilarity``, ``update_momentum`` with ``cosine_schedule``, SGD lr 0.06 as in
   lightly's example; crop scale, flips and normalisation set as ours for this data set.
-* ``ours``: ``pipeline.byol.train_byol``, variant baseline, with the config this data set gets
+* ``ours``: ``pipeline.train.loop.train_byol``, variant baseline, with the config this data set gets
   (the schema defaults, or the digits preset).
 
 Every ``--probe-every`` epochs both encoders are probed with the pipeline's linear probe
@@ -101,7 +101,7 @@ def our_params(digits: bool, epochs: int, batch: int | None, backbone: str,
                precision: str = "auto"):
     """Our BYOL params, as the pipeline resolves them: the digits preset for digits, the
     schema defaults for any other data set; ``precision`` is ``byol.precision``."""
-    from pipeline.byol import ByolParams
+    from pipeline.train.loop import ByolParams
     from pipeline.config import build, byol_params, resolve_config
 
     cfg = resolve_config({"byol": {"precision": precision},
@@ -116,7 +116,7 @@ def run_ours(data_path: Path, params, seed: int, prober: Prober, probe_every: in
              workdir: Path) -> dict:
     import csv
 
-    from pipeline.byol import train_byol
+    from pipeline.train.loop import train_byol
 
     probes = {}
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from pipeline.backbones import build_backbone, resolve_backbone
-    from pipeline.byol_encoder import channel_stats
+    from pipeline.train.encoder import channel_stats
     from pipeline.io import save_prepared
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,19 +58,20 @@ def _purity(a):
     purity_table(a.inputs, a.out)
 
 
-def _byol(a):
-    from pipeline.byol import ByolParams, train_byol
+def _train(a):
+    from pipeline.train.grid import Run
+    from pipeline.train.loop import train
+    from pipeline.train.params import TrainParams
 
-    train_byol(_params(ByolParams, a.params), a.variant, a.seed, a.data, a.neighbours, a.out,
-               a.state, a.history, a.loss_plot, a.device, a.online)
+    run = Run(a.method, a.use, a.source, a.space, a.metric, a.round)
+    train(_params(TrainParams, a.params), run, a.seed, a.data, a.neighbours, a.out, a.state,
+          a.history, a.loss_plot, a.device)
 
 
-def _byol_untrained(a):
-    from pipeline.byol import ByolParams
-    from pipeline.byol_encoder import write_untrained
+def _untrained(a):
+    from pipeline.train.encoder import write_untrained
 
-    p = _params(ByolParams, a.params)
-    write_untrained(p.backbone, p.proj_hidden, p.proj_dim, a.seed, a.data, a.out)
+    write_untrained(a.backbone, a.seed, a.data, a.out)
 
 
 def _embed(a):
@@ -142,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--k", type=int, default=None, help="neighbours.k, when neighbours are mined")
     s.add_argument("--queue-size", type=int, default=None,
-                   help="byol.online.queue_size, when online neighbours are used")
+                   help="train.queue.queue_size, when the queue source is used")
 
     s = stage("train-latent", _train_latent, params=True, device=True)
     s.add_argument("--model", required=True)
@@ -163,16 +164,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("inputs", nargs="+", type=Path)
 
-    s = stage("byol", _byol, params=True, device=True)
-    s.add_argument("--variant", required=True)
+    s = stage("train", _train, params=True, device=True)
+    s.add_argument("--method", required=True, help="a key of pipeline.train.methods.METHODS")
+    s.add_argument("--use", default="baseline", help="a neighbour use (pipeline.train.uses)")
+    s.add_argument("--source", default="", choices=["", "latent", "refresh", "queue"],
+                   help="where the use finds neighbours (none for the baseline)")
+    s.add_argument("--space", default="", help="latent model whose space was mined")
+    s.add_argument("--metric", default="", help="the neighbours' metric")
+    s.add_argument("--round", type=int, default=1, help="refresh round (1 = latent)")
     s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--neighbours", type=Path, default=None)
-    s.add_argument("--online", action="store_true",
-                   help="neighbours from a queue of earlier steps' target projections")
+    s.add_argument("--neighbours", type=Path, default=None,
+                   help="neighbours.parquet of the latent or refresh source")
     for name in ("data", "out", "state", "history", "loss-plot"):
         s.add_argument(f"--{name}", type=Path, required=True)
 
-    s = stage("byol-untrained", _byol_untrained, params=True)
+    s = stage("untrained", _untrained)
+    s.add_argument("--backbone", required=True, help="train.backbone (auto: by image side)")
     s.add_argument("--seed", type=int, required=True)
     for name in ("data", "out"):
         s.add_argument(f"--{name}", type=Path, required=True)

@@ -13,11 +13,14 @@ from pipeline.io import atomic_path, read_json
 
 # The documented columns, in this order; the weighted-kNN columns (knn<k>_top1/_top5, one
 # pair per evaluate.knn_k) follow top5, then TAIL, then anything else sorted by name.
-COLUMNS = ["dataset", "run", "stage", "latent", "metric", "variant", "seed", "top1", "top5"]
+COLUMNS = ["dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "round",
+           "seed", "top1", "top5"]
 TAIL = ["purity_at_1", "purity_at_k", "feature_dim", "epochs", "train_seconds", "eval_seconds",
         "device", "n_train", "n_test"]
-STAGE_ORDER = {"pixels": 0, "latent": 1, "byol": 2}
-BASELINE = "byol-baseline"
+# References first (pixels, latent spaces, the untrained encoder), then every method's runs.
+STAGE_ORDER = {"pixels": 0, "latent": 1, "untrained": 2}
+# The reference every method's baseline is compared with (the methods side by side).
+REFERENCE = "byol-baseline"
 KNN = re.compile(r"^knn(\d+)_top([15])$")
 
 
@@ -34,7 +37,7 @@ def accuracy_columns(columns) -> list[str]:
 
 def order_rows(df: pd.DataFrame) -> pd.DataFrame:
     """References first (pixels, latents, the untrained encoder), then the trained runs."""
-    order = df["stage"].map(STAGE_ORDER).fillna(9) + (df["run"] != "byol-untrained") * 0.5
+    order = df["stage"].map(STAGE_ORDER).fillna(9)
     return (df.assign(_o=order).sort_values(["dataset", "_o", "run", "seed"], kind="stable")
             .drop(columns="_o").reset_index(drop=True))
 
@@ -49,7 +52,8 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
     for c in COLUMNS + TAIL:
         if c not in df:
             df[c] = pd.NA
-    df["seed"] = df["seed"].astype("Int64")
+    for c in ("seed", "round"):
+        df[c] = pd.to_numeric(df[c]).astype("Int64")
     head = COLUMNS + knn_columns(df.columns) + TAIL
     df = df[head + sorted(set(df.columns) - set(head))]
     return order_rows(df)
@@ -94,13 +98,27 @@ def verdict(low: float, high: float, n: int) -> str:
     return "no significant difference"
 
 
+def versus_of(row) -> str | None:
+    """The run a trained configuration is compared with on the same seeds: its method's
+    baseline, or (for a method's baseline) the reference method's; None for references."""
+    method = row.get("method")
+    if not isinstance(method, str) or not method:
+        return None
+    if row.get("variant") != "baseline":
+        return f"{method}-baseline"
+    return REFERENCE if row.get("run") != REFERENCE else None
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (dataset, run): seeds, mean and std of every accuracy column,
-    and for each neighbour configuration the paired difference to ``byol-baseline``.
+    and the paired difference to the configuration it answers to: a neighbour
+    configuration to its own method's baseline (``simclr-probabilistic-ae-cosine`` to
+    ``simclr-baseline``), another method's baseline to ``byol-baseline``.
 
     Paired columns, for top1 and each ``knn<k>_top1``: ``<col>_diff`` (mean over seeds of
     run - baseline on the same seed), ``<col>_diff_ci95_low`` / ``_high`` (t interval) and
-    ``n_pairs``; ``top1_verdict`` says in words whether the interval excludes 0.
+    ``n_pairs``; ``versus`` names the baseline; ``top1_verdict`` says in words whether the
+    interval excludes 0.
     """
     acc = accuracy_columns(df.columns)
     paired = ["top1"] + [c for c in knn_columns(df.columns) if c.endswith("_top1")]
@@ -108,7 +126,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     for (dataset, run), g in df.groupby(["dataset", "run"], sort=False):
         first = g.iloc[0]
         row = {"dataset": dataset, "run": run,
-               **{c: first.get(c) for c in ("stage", "latent", "metric", "variant")},
+               **{c: first.get(c) for c in ("stage", "method", "variant", "source", "latent",
+                                            "metric", "round")},
                "n_seeds": len(g),
                "seeds": " ".join(str(int(s)) for s in g["seed"].dropna().tolist())}
         for c in acc:
@@ -118,11 +137,11 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         for c in ("purity_at_1", "purity_at_k"):
             if c in g:
                 row[c] = pd.to_numeric(g[c], errors="coerce").mean()
-        neighbour_run = first.get("stage") == "byol" and first.get("variant") not in (
-            "baseline", "untrained")
-        base = df[(df["dataset"] == dataset) & (df["run"] == BASELINE)]
+        versus = versus_of(first)
+        row["versus"] = versus or ""
+        base = df[(df["dataset"] == dataset) & (df["run"] == versus)]
         for c in paired:
-            if neighbour_run and len(base):
+            if versus and len(base):
                 mean, low, high, n = paired_difference(
                     pd.to_numeric(g.set_index("seed")[c], errors="coerce"),
                     pd.to_numeric(base.set_index("seed")[c], errors="coerce"))
@@ -220,6 +239,8 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         out.insert(0, "dataset", summary["dataset"])
     out["top1"] = mean_std("top1")
     out["Δ top1 vs baseline [95 % CI]"] = diff("top1")
+    if "versus" in summary:
+        out["baseline"] = summary["versus"].fillna("")
     out["pairs"] = summary["n_pairs"].map(lambda v: "" if pd.isna(v) else str(v))
     out["verdict (top-1)"] = summary["top1_verdict"].fillna("")
     for c in acc:
@@ -279,22 +300,24 @@ over the seeds (no ± with one seed). <b>top1</b>/<b>top5</b>: frozen-feature li
 (logistic regression); <b>knn&lt;k&gt; top1/top5</b>: weighted kNN with k neighbours
 (cosine similarity, weights exp(sim / T)); top-5 only with more than 5 classes.
 <b>Δ … vs baseline</b>: for each neighbour configuration, the mean over seeds of
-(this run − byol-baseline) trained with the same seed, and its 95 % t-interval
+(this run − its method's baseline, e.g. simclr-baseline) trained with the same seed, and
+for each other method's baseline the same against byol-baseline; its 95 % t-interval
 (mean ± t<sub>0.975, n−1</sub> · sd / √n over the n <b>pairs</b>). The verdict reads the
 top-1 interval: <i>better</i> or <i>worse</i> only when the interval excludes 0.</p>"""
 
 TABLE_INTRO = """<p>Every evaluated representation, one row per run and seed: raw pixels, each
-latent space, the untrained encoder and every BYOL run. Empty cells do not apply.</p>"""
+latent space, the untrained encoder and every trained run. Empty cells do not apply.</p>"""
 
 
-def _names(df: pd.DataFrame) -> str:
+def dataset_names(df: pd.DataFrame) -> str:
+    """The data sets a table holds, comma-separated (figure and page titles)."""
     return ", ".join(sorted(df["dataset"].astype(str).unique()))
 
 
 def overview_rst(df: pd.DataFrame, data_path: str | Path | None) -> str:
     """Landing-page lines of the report: the data set and its image counts."""
     lines = []
-    datasets = _names(df)
+    datasets = dataset_names(df)
     if data_path is not None:
         from pipeline.io import load_prepared
 
@@ -337,11 +360,11 @@ def aggregate(
     if table_html is not None:
         with atomic_path(table_html) as tmp:
             shown = df[[c for c in df.columns if df[c].notna().any()]]
-            tmp.write_text(html_page(shown, f"{_names(df)}: every run", TABLE_INTRO),
+            tmp.write_text(html_page(shown, f"{dataset_names(df)}: every run", TABLE_INTRO),
                            encoding="utf-8")
     if summary_html is not None:
         with atomic_path(summary_html) as tmp:
-            title = f"{_names(df)}: summary over seeds, paired differences to byol-baseline"
+            title = f"{dataset_names(df)}: summary over seeds, paired differences to each baseline"
             n_test = pd.to_numeric(df["n_test"], errors="coerce").max()
             scale = (f"<p>{int(n_test):,} test images: one image is {1 / n_test:.4f} of "
                      "accuracy.</p>" if n_test > 0 else "")

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import types
 import typing
 from pathlib import Path
@@ -131,9 +130,17 @@ def _shared_schema() -> dict:
     return load_schema()
 
 
-# The BYOL variants: the schema's enum is the list the workflow knows; a test checks that it
-# names exactly the registry in pipeline.byol_variants (imported here it would pull in torch).
-VARIANTS = tuple(load_schema()["properties"]["byol"]["properties"]["variants"]["items"]["enum"])
+def _enum(*path: str) -> tuple[str, ...]:
+    sub = load_schema()
+    for part in path:
+        sub = sub["properties"][part]
+    return tuple(sub["items"]["enum"])
+
+
+# The schema's enums are the lists the workflow knows; tests check that they name exactly
+# the registries in pipeline.train (imported here they would pull in torch).
+METHODS = _enum("train", "methods")
+USES = _enum("train", "uses")
 
 
 def _apply_defaults(instance: dict, schema: dict) -> None:
@@ -155,7 +162,7 @@ _NULLS = ("null", "Null", "NULL", "~")
 def coerce_strings(value: Any, sub: dict) -> Any:
     """Type ``--config`` values by the schema.
 
-    Snakemake parses a nested ``--config 'byol={"epochs": 2}'`` with YAML's base loader, so
+    Snakemake parses a nested ``--config 'train={"epochs": 2}'`` with YAML's base loader, so
     every leaf arrives as a string; a leaf whose schema admits no string is parsed as YAML
     (``"2"`` -> 2, ``"true"`` -> True, ``"null"`` -> None). Values already typed are kept.
     """
@@ -204,53 +211,49 @@ def _check_schedules(config: dict) -> None:
     """Warm-ups must end before training does: each key's own bound accepts a warm-up longer
     than the run, which then silently trains with another schedule than the one set.
 
-    ``lr_at`` ramps to ``byol.lr`` over ``warmup_epochs``: longer than ``byol.epochs``, the
+    ``lr_at`` ramps to ``train.lr`` over ``warmup_epochs``: longer than ``train.epochs``, the
     peak is never reached; equal, it is reached on the last step and never decays. The
     neighbours' share ramps as ``step / ramp``, so at ``neighbour_warmup_epochs`` equal to
-    ``byol.epochs`` the last step still uses (N - 1) / N of it: strictly less, both. A
-    warm-up of 0 (none) is valid with any ``byol.epochs``. The latent stage has no schedule.
+    ``train.epochs`` the last step still uses (N - 1) / N of it: strictly less, both. A
+    warm-up of 0 (none) is valid with any ``train.epochs``. The latent stage has no schedule.
     """
-    byol = config["byol"]
-    epochs, warmup = byol["epochs"], byol["warmup_epochs"]
+    t = config["train"]
+    epochs, warmup = t["epochs"], t["warmup_epochs"]
     if warmup >= epochs:
-        why = ("would never reach byol.lr" if warmup > epochs
-               else "would reach byol.lr only on the last step and never decay")
-        raise PipelineError(f"config key 'byol.warmup_epochs': {warmup} must be less than "
-                            f"byol.epochs ({epochs}); the learning rate {why}; lower it "
-                            "(0 = no warm-up) or raise byol.epochs")
-    ramp = byol["neighbour_warmup_epochs"]
+        why = ("would never reach train.lr" if warmup > epochs
+               else "would reach train.lr only on the last step and never decay")
+        raise PipelineError(f"config key 'train.warmup_epochs': {warmup} must be less than "
+                            f"train.epochs ({epochs}); the learning rate {why}; lower it "
+                            "(0 = no warm-up) or raise train.epochs")
+    ramp = t["neighbour_warmup_epochs"]
     # Baseline runs never read the ramp (BYOL_NEIGHBOUR_KEYS): only a neighbour grid needs it.
-    if ramp >= epochs and any(v != "baseline" for v in byol["variants"]):
-        raise PipelineError(f"config key 'byol.neighbour_warmup_epochs': {ramp} must be less "
-                            f"than byol.epochs ({epochs}); the neighbours' share would never "
+    if ramp >= epochs and any(v != "baseline" for v in t["uses"]):
+        raise PipelineError(f"config key 'train.neighbour_warmup_epochs': {ramp} must be less "
+                            f"than train.epochs ({epochs}); the neighbours' share would never "
                             "reach its set value; lower it (0 = full from the start) or raise "
-                            "byol.epochs")
+                            "train.epochs")
+
+
+# What moved when training became one section for every method (train:) beside each
+# method's own (byol:, simclr:, nnclr:): an old config gets one line saying where.
+_MOVED = {"variants": "train.uses", "online": "train.queue", "tau_base": "byol.tau_base"}
+
+
+def _check_layout(config: dict) -> None:
+    old = sorted(set(config.get("byol") or {}) - {"tau_base"}) if isinstance(
+        config.get("byol"), dict) else []
+    if old:
+        where = ", ".join(f"byol.{k} -> {_MOVED.get(k, 'train.' + k)}" for k in old[:4])
+        raise PipelineError(
+            f"config: the training keys moved from byol: to train: (shared by every method; "
+            f"byol: keeps only tau_base): {where}{', ...' if len(old) > 4 else ''}; "
+            "and byol.sources' online is now queue")
 
 
 def _check_grid(config: dict) -> None:
-    """A neighbour variant needs at least one latent space and one metric to mine with."""
-    byol = config["byol"]
-    wanted = [v for v in byol["variants"] if v != "baseline"]
-    for key, values in (("latent.models", config["latent"]["models"]),
-                        ("neighbours.metrics", config["neighbours"]["metrics"])):
-        if wanted and "latent" in byol["sources"] and not values:
-            raise PipelineError(
-                f"config key {key!r}: [] is empty, but byol.variants asks for {wanted}, "
-                f"which need neighbours; list at least one, set byol.sources: [online], "
-                "or set byol.variants: [baseline]")
-    k, mined = byol["topk"]["k"], config["neighbours"]["k"]
-    if "topk" in wanted and "latent" in byol["sources"] and k - 1 > mined:
-        raise PipelineError(f"config key 'byol.topk.k': {k} needs {k - 1} neighbours per image, "
-                            f"but neighbours.k is {mined}; raise neighbours.k or lower it")
-    if wanted and "online" in byol["sources"]:
-        from pipeline.byol_sources import OnlineParams, check_online
+    from pipeline.train.grid import check_grid
 
-        if byol["filter"]["mutual"]:
-            raise PipelineError("config key 'byol.filter.mutual': online neighbours change "
-                                "every step, so they have no mutual table; set it to false "
-                                "or drop online from byol.sources")
-        check_online(OnlineParams(**byol["online"]), byol["batch_size"], None,
-                     k if "topk" in wanted else None)
+    check_grid(config)
 
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:
@@ -263,6 +266,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 
     schema = load_schema() if schema is None else schema
     config = copy.deepcopy(dict(config))
+    _check_layout(config)
     _check_finite(config)
     _apply_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
@@ -334,9 +338,9 @@ def latent_params(config: dict, model: str) -> dict[str, Any]:
 # Keys that only choose which jobs exist or how a job runs, never what it computes: they
 # stay out of the stage params, so changing them never invalidates finished results.
 RUNTIME_KEYS = {"latent": ("on_collapse",), "neighbours": ("chunk_size",),
-                "byol": ("checkpoint_every",), "evaluate": ()}
+                "train": ("checkpoint_every",), "evaluate": ()}
 GRID_KEYS = {"neighbours": ("metrics", "pixels"),
-             "byol": ("variants", "seeds", "sources", "refresh_rounds"),
+             "train": ("methods", "uses", "seeds", "sources", "refresh_rounds"),
              "evaluate": ("untrained",)}
 
 
@@ -352,32 +356,6 @@ def _result_keys(config: dict, stage: str) -> dict[str, Any]:
 
 def neighbours_params(config: dict) -> dict[str, Any]:
     return flatten(_result_keys(config, "neighbours"))
-
-
-BYOL_VIEWS = ("view1", "view2")
-
-
-# Keys that only neighbour runs read (and only online runs read ``online``): left out of the
-# other runs' params, so changing them re-runs only the runs they change.
-BYOL_NEIGHBOUR_KEYS = ("filter", "neighbour_warmup_epochs", "online")
-
-
-def byol_params(config: dict, variant: str, source: str = "latent") -> dict[str, Any]:
-    """Shared BYOL keys plus the variant's own section (seed comes from the wildcard).
-
-    Each view's augmentation is ``byol.augment`` overridden by that view's section, so the
-    params hold ``view1.*`` and ``view2.*`` in full and no ``augment.*``. ``source`` is the
-    run's neighbour source (``latent``, ``refresh`` or ``online``; ignored for the baseline).
-    """
-    skip = set(VARIANTS) | set(BYOL_VIEWS) | {"augment"}
-    if variant == "baseline":
-        skip |= set(BYOL_NEIGHBOUR_KEYS)
-    elif source != "online":
-        skip.add("online")
-    shared = {k: v for k, v in _result_keys(config, "byol").items() if k not in skip}
-    section = config["byol"]
-    views = {v: {**section.get("augment", {}), **section.get(v, {})} for v in BYOL_VIEWS}
-    return flatten({**shared, **views, **section.get(variant, {})})
 
 
 def evaluate_params(config: dict) -> dict[str, Any]:
@@ -427,38 +405,6 @@ def resolve_config(user: dict, schema: dict | None = None) -> dict:
     return validate_config(user, schema)
 
 
-def run_name(stage: str, variant: str = "", latent: str = "", metric: str = "",
-             round: int = 1) -> str:
-    """Readable run names: pixels, latent-vae, byol-baseline, byol-weighted-ae-cosine,
-    byol-weighted-ae-cosine-r2 (refresh round 2), byol-topk-online (online neighbours)."""
-    parts = {"pixels": ["pixels"], "latent": ["latent", latent]}.get(
-        stage, ["byol", variant, latent, metric, f"r{round}" if round > 1 else ""]
-    )
-    return "-".join(p for p in parts if p)
-
-
-def parse_run_name(name: str) -> dict[str, str]:
-    """Inverse of :func:`run_name`: the table's stage/latent/metric/variant columns. The
-    latent column names the neighbour source: a latent model, ``<model>-r<round>`` for a
-    refresh round, or ``online``."""
-    parts = name.split("-")
-    if parts == ["pixels"]:
-        return {"stage": "pixels", "latent": "", "metric": "", "variant": ""}
-    if parts[0] == "latent" and len(parts) == 2:
-        return {"stage": "latent", "latent": parts[1], "metric": "", "variant": ""}
-    if parts[0] == "byol":
-        byol = {"stage": "byol", "latent": "", "metric": "", "variant": parts[1]}
-        if len(parts) == 2:
-            return byol
-        if parts[2:] == ["online"]:
-            return {**byol, "latent": "online", "metric": "cosine"}
-        if len(parts) == 4:
-            return {**byol, "latent": parts[2], "metric": parts[3]}
-        if len(parts) == 5 and re.fullmatch(r"r[2-9]|r[1-9]\d+", parts[4]):
-            return {**byol, "latent": f"{parts[2]}-{parts[4]}", "metric": parts[3]}
-    raise PipelineError(f"not a run name: {name!r}")
-
-
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
@@ -483,8 +429,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 # through the CLI or Python is checked by the same rule, with the same message, as config.yaml.
 STAGE_SECTIONS = {
     "PrepareParams": "dataset", "SyntheticParams": "dataset.synthetic",
-    "LatentParams": "latent", "NeighboursParams": "neighbours", "ByolParams": "byol",
-    "EvaluateParams": "evaluate",  # AugmentParams: byol.view1 / byol.view2, as ByolParams' fields
+    "LatentParams": "latent", "NeighboursParams": "neighbours", "TrainParams": "train",
+    "EvaluateParams": "evaluate",  # AugmentParams: train.view1 / train.view2, as TrainParams'
+    # fields; a method's section (TrainParams.byol) is the top-level byol section
 }
 
 
@@ -522,7 +469,10 @@ def _check_field(cls: type, name: str, value: Any, section: str | None = None) -
 
 
 def _nested(section: str | None, name: str) -> str | None:
-    """A nested dataclass field's schema section: its parent's section plus the field name."""
+    """A nested dataclass field's schema section: its parent's section plus the field name,
+    or a method's own top-level section (``byol``, ``simclr``, ``nnclr``)."""
+    if section == "train" and name in METHODS:
+        return name
     return f"{section}.{name}" if section else None
 
 
@@ -542,7 +492,7 @@ def build(cls: type, flat: dict[str, Any], section: str | None = None):
 
     Unknown keys are an error, so a typo in a rule never silently falls back to a default.
     A nested field is checked against its parent's schema section plus its name
-    (``ByolParams.view1`` -> ``byol.view1``).
+    (``TrainParams.view1`` -> ``train.view1``; ``TrainParams.byol`` -> ``byol``).
     """
     section = section or STAGE_SECTIONS.get(cls.__name__)
     hints = typing.get_type_hints(cls)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.byol_encoder import encode_images, load_encoder
 from pipeline.io import code_version, load_prepared, write_latents
+from pipeline.train.encoder import encode_images, load_encoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

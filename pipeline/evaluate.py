@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.config import parse_run_name
-from pipeline.io import Prepared, load_prepared, locate, provenance, read_latents, write_json
+from pipeline.features import latent_features, pixel_features
+from pipeline.io import Prepared, load_prepared, provenance, write_json
 
 
 @dataclass
@@ -20,20 +20,6 @@ class EvaluateParams:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
     knn_temperature: float = 0.07
     untrained: bool = True
-
-
-def pixel_features(data: Prepared) -> np.ndarray:
-    """Raw pixels, flattened and scaled to [0, 1]: (N, H*W*C) float32."""
-    return data.images.reshape(len(data.images), -1).astype(np.float32) / 255.0
-
-
-def latent_features(path: str | Path, data: Prepared) -> tuple[np.ndarray, dict]:
-    """Latent vectors from ``latents.parquet``, aligned to ``data.ids``; plus file metadata."""
-    ids, vectors, meta = read_latents(path)
-    pos, found = locate(ids, data.ids)
-    if len(ids) != len(data.ids) or not found.all():
-        raise PipelineError(f"{path}: ids do not match the prepared data set")
-    return vectors[pos], meta
 
 
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -163,7 +149,7 @@ def features_for(source: str | Path, data: Prepared, device: str) -> tuple[np.nd
     """Features of every prepared image from a source chosen by its file type.
 
     ``.npz`` is the prepared set itself (raw pixels), ``.parquet`` a latent export,
-    ``.pt`` a BYOL encoder checkpoint.
+    ``.pt`` an encoder checkpoint of any method (or the untrained control).
     """
     source = Path(source)
     if source.suffix == ".npz":
@@ -171,10 +157,26 @@ def features_for(source: str | Path, data: Prepared, device: str) -> tuple[np.nd
     if source.suffix == ".parquet":
         return latent_features(source, data)
     if source.suffix == ".pt":
-        from pipeline.byol import encode_checkpoint
+        from pipeline.train.encoder import encode_checkpoint
 
         return encode_checkpoint(source, data, device)
     raise PipelineError(f"cannot evaluate {source}: expected .npz, .parquet or .pt")
+
+
+# The results table's identifying columns; a checkpoint carries its run's own.
+RUN_COLUMNS = ("stage", "method", "variant", "source", "latent", "metric", "round")
+
+
+def run_columns(source: str | Path, summary: dict) -> dict:
+    """What the row is, from what was evaluated (never parsed back out of the run name):
+    raw pixels, a latent space (its model from the file's metadata), or a trained encoder
+    (the method, use, source and round its checkpoint records)."""
+    suffix = Path(source).suffix
+    if suffix == ".npz":
+        return {"stage": "pixels"}
+    if suffix == ".parquet":
+        return {"stage": "latent", "latent": summary.get("model", "")}
+    return {k: summary.pop(k) for k in RUN_COLUMNS if k in summary}
 
 
 def evaluate(
@@ -184,8 +186,8 @@ def evaluate(
     """Probe one representation and write its metrics JSON (one row of the results table)."""
     start = time.time()
     data = load_prepared(data_path)
-    columns = parse_run_name(run)
     feats, summary = features_for(source, data, device)
+    columns = run_columns(source, summary)
     if not np.isfinite(feats).all():
         raise PipelineError(f"{source}: features contain NaN or infinite values")
     tr = (data.split == "train") & (data.labels >= 0)

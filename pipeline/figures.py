@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.aggregate import BASELINE, knn_columns
+from pipeline.aggregate import REFERENCE, dataset_names, knn_columns, versus_of
 from pipeline.io import read_json
 from pipeline.plots import _pyplot, _save
 
-STAGE_COLOURS = {"pixels": "#888888", "latent": "#4c72b0", "byol": "#dd8452"}
+STAGE_COLOURS = {"pixels": "#888888", "latent": "#4c72b0", "untrained": "#bbbbbb",
+                 "byol": "#dd8452", "simclr": "#55a868", "nnclr": "#8172b3"}
+METHOD_STYLES = {"byol": "-", "simclr": "--", "nnclr": ":"}
 VERDICT_COLOURS = {"better than baseline": "#2a9d4b", "worse than baseline": "#c8382e"}
 FAMILY_CMAPS = {"probabilistic": "Blues", "weighted": "Oranges", "topk": "Greens"}
 
@@ -30,13 +32,13 @@ def _placeholder(path: str | Path, title: str, text: str) -> None:
     _save(fig, path)
 
 
-def _datasets(df: pd.DataFrame) -> str:
-    return ", ".join(sorted(df["dataset"].astype(str).unique()))
+def _trained(summary: pd.DataFrame) -> pd.Series:
+    return summary["method"].fillna("").astype(str).ne("") if "method" in summary else (
+        pd.Series(False, index=summary.index))
 
 
 def _neighbour_runs(summary: pd.DataFrame) -> pd.DataFrame:
-    return summary[(summary["stage"] == "byol")
-                   & ~summary["variant"].isin(["baseline", "untrained"])]
+    return summary[_trained(summary) & summary["variant"].ne("baseline")]
 
 
 def best_run(summary: pd.DataFrame) -> str | None:
@@ -69,7 +71,7 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
     ax.set_xlabel("test accuracy (bars: linear-probe top-1, mean ± std over seeds)")
     lows = summary["top1_mean"].min(), summary[f"{knn[0]}_mean"].min() if knn else 1.0
     ax.set_xlim(max(0.0, float(np.nanmin(lows)) - 0.05), 1.01)
-    ax.set_title(f"{_datasets(summary)}: accuracy per representation\n"
+    ax.set_title(f"{dataset_names(summary)}: accuracy per representation\n"
                  "grey: raw pixels, blue: latent spaces, orange: BYOL encoders", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()),
               ncol=2, frameon=False)
@@ -78,13 +80,14 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
 
 
 def paired_chart(summary: pd.DataFrame, path: str | Path) -> None:
-    """Forest plot: per neighbour configuration, the mean paired difference to byol-baseline
+    """Forest plot: per configuration, the mean paired difference to its baseline (a
+    neighbour configuration's own method's; another method's baseline against byol-baseline)
     over the same seeds with its 95 % t-interval; one panel per paired accuracy column."""
-    runs = _neighbour_runs(summary)
-    title = "Paired difference to byol-baseline (same seeds)"
-    if runs.empty or runs["top1_diff"].isna().all():
-        _placeholder(path, title, "No neighbour configuration with a byol-baseline run to "
-                     "compare with in this experiment.")
+    runs = summary[summary["top1_diff"].notna()] if "top1_diff" in summary else summary[:0]
+    title = "Paired difference to each configuration's baseline (same seeds)"
+    if runs.empty:
+        _placeholder(path, title, "No configuration with a baseline run to compare with "
+                     "in this experiment.")
         return
     cols = [c[:-5] for c in summary.columns if c.endswith("_diff")]
     plt = _pyplot()
@@ -109,7 +112,7 @@ def paired_chart(summary: pd.DataFrame, path: str | Path) -> None:
     labels = [f"{r.run} (n={0 if pd.isna(r.n_pairs) else int(r.n_pairs)})"
               for r in runs.itertuples()]
     axes[0, 0].set_yticks(y, labels, fontsize=8)
-    fig.suptitle(f"{_datasets(summary)}: {title}\n"
+    fig.suptitle(f"{dataset_names(summary)}: {title}\n"
                  "dot: mean over seed pairs; bar: 95 % t-interval; green/red: interval "
                  "excludes 0; open dot: one pair, no interval", fontsize=9, y=1.0,
                  va="bottom")
@@ -131,14 +134,14 @@ def accuracy_vs_purity(summary: pd.DataFrame, path: str | Path) -> None:
     spaces = sorted(runs["latent"].unique())
     colours = dict(zip(spaces, _pyplot().get_cmap("tab10").colors, strict=False))
     markers = {"euclidean": "o", "cosine": "s"}
-    base = summary[summary["run"] == BASELINE]
+    base = summary[summary["run"] == REFERENCE]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants) + 0.6, 3.6),
                              sharey=True, squeeze=False)
     for ax, variant in zip(axes[0], variants, strict=True):
         if len(base):
             m, s = float(base["top1_mean"].iloc[0]), base["top1_std"].fillna(0).iloc[0]
-            ax.axhline(m, color="black", lw=1, label="byol-baseline (± std)")
+            ax.axhline(m, color="black", lw=1, label=f"{REFERENCE} (± std)")
             ax.axhspan(m - s, m + s, color="black", alpha=0.1)
         for r in runs[runs["variant"] == variant].itertuples():
             ax.errorbar(r.purity_at_k, r.top1_mean, yerr=0 if pd.isna(r.top1_std) else
@@ -153,7 +156,8 @@ def accuracy_vs_purity(summary: pd.DataFrame, path: str | Path) -> None:
     seen = dict(zip(labels, handles, strict=True))
     fig.legend(seen.values(), seen.keys(), fontsize=7, loc="center left",
                bbox_to_anchor=(1.0, 0.5), title="space, metric", title_fontsize=7)
-    fig.suptitle(f"{_datasets(summary)}: {title} (latent space = colour, metric = marker)",
+    fig.suptitle(f"{dataset_names(summary)}: {title} (latent space = colour, "
+                 "metric = marker)",
                  fontsize=9, y=1.0, va="bottom")
     for ax in axes[0]:
         ax.margins(x=0.15)
@@ -161,25 +165,25 @@ def accuracy_vs_purity(summary: pd.DataFrame, path: str | Path) -> None:
 
 
 def _run_of_history(path: Path) -> tuple[str, int]:
-    """``.../byol/<name>/seed<N>/history.csv`` -> (``byol-<name>``, N)."""
-    return f"byol-{path.parent.parent.name}", int(path.parent.name.removeprefix("seed"))
+    """``.../train/<run>/seed<N>/history.csv`` -> (``<run>``, N)."""
+    return path.parent.parent.name, int(path.parent.name.removeprefix("seed"))
 
 
-def byol_histories(histories: list[str | Path], path: str | Path) -> None:
-    """Every BYOL run's history overlaid: loss, representation spread, neighbour use and the
-    neighbours' label purity per epoch; per configuration the mean over seeds, with the
-    min-max band over seeds."""
+def train_histories(histories: list[str | Path], path: str | Path) -> None:
+    """Every trained run's history overlaid: loss, representation spread, neighbour use and
+    the neighbours' label purity per epoch; per configuration the mean over seeds, with the
+    min-max band over seeds. Colour: the neighbour use (baselines black); line: the method."""
     frames = []
     for p in histories:
         run, seed = _run_of_history(Path(p))
         frames.append(pd.read_csv(p).assign(run=run, seed=seed))
     if not frames:
-        _placeholder(path, "BYOL training histories", "No BYOL run in this experiment.")
+        _placeholder(path, "Training histories", "No trained run in this experiment.")
         return
     from matplotlib.ticker import MaxNLocator
 
     df = pd.concat(frames, ignore_index=True)
-    runs = sorted(df["run"].unique(), key=lambda r: (r != BASELINE, r))
+    runs = sorted(df["run"].unique(), key=lambda r: (not r.endswith("-baseline"), r))
     family = {r: r.split("-")[1] for r in runs}
     count = {f: sum(v == f for v in family.values()) for f in set(family.values())}
     seen: dict[str, int] = {}
@@ -191,7 +195,8 @@ def byol_histories(histories: list[str | Path], path: str | Path) -> None:
         cmap = FAMILY_CMAPS.get(f)
         colours[r] = ("black" if cmap is None else
                       plt.get_cmap(cmap)(0.35 + 0.6 * seen[f] / max(count[f], 1)))
-    panels = [("loss", "BYOL loss (0-8)"), ("spread", "spread (1 = isotropic)"),
+    panels = [("loss", "loss (BYOL 0-8; SimCLR, NNCLR: NT-Xent)"),
+              ("spread", "spread (1 = isotropic)"),
               ("neighbour_use", "neighbour use (share of views / weight)"),
               ("neighbour_purity", "neighbour purity (label agreement of pairs used)")]
     df["neighbour_purity"] = pd.to_numeric(df["neighbour_purity"], errors="coerce")
@@ -200,8 +205,9 @@ def byol_histories(histories: list[str | Path], path: str | Path) -> None:
         for r in runs:
             g = df[df["run"] == r].groupby("epoch")[col]
             mean, lo, hi = g.mean(), g.min(), g.max()
-            ax.plot(mean.index, mean.to_numpy(), color=colours[r], lw=1.8 if r == BASELINE
-                    else 1.1, label=r)
+            ax.plot(mean.index, mean.to_numpy(), color=colours[r],
+                    lw=1.8 if r.endswith("-baseline") else 1.1,
+                    ls=METHOD_STYLES.get(r.split("-")[0], "-"), label=r)
             ax.fill_between(mean.index, lo.to_numpy(), hi.to_numpy(), color=colours[r],
                             alpha=0.15, lw=0)
         ax.set_xlabel("epoch", fontsize=8)
@@ -211,8 +217,9 @@ def byol_histories(histories: list[str | Path], path: str | Path) -> None:
         ax.tick_params(labelsize=7)
     n_seeds = df.groupby("run")["seed"].nunique().max()
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"BYOL training histories of {len(runs)} configurations: line = mean over "
-                 f"seeds (up to {n_seeds}), band = min-max over seeds; baseline in black",
+    fig.suptitle(f"Training histories of {len(runs)} configurations: line = mean over "
+                 f"seeds (up to {n_seeds}), band = min-max over seeds; baselines in black, "
+                 "byol solid, simclr dashed, nnclr dotted",
                  fontsize=9)
     _save(fig, path)
 
@@ -230,12 +237,14 @@ def _evals(paths: list[str | Path]) -> pd.DataFrame:
 def per_class_chart(evals: list[str | Path], summary: pd.DataFrame, classes: list[str],
                     path: str | Path) -> None:
     """Per-class linear-probe top-1 (mean over seeds) of the best neighbour configuration and
-    of byol-baseline, side by side, with the difference written above each pair."""
+    of its own method's baseline, side by side, with the difference written above each pair."""
     best = best_run(summary)
     df = _evals(evals)
     title = "Per-class accuracy"
-    if best is None or BASELINE not in set(df["run"]):
-        _placeholder(path, title, "Needs byol-baseline and a neighbour configuration.")
+    base_run = None if best is None else versus_of(
+        summary[summary["run"] == best].iloc[0].to_dict())
+    if best is None or base_run not in set(df["run"]):
+        _placeholder(path, title, "Needs a neighbour configuration and its method's baseline.")
         return
 
     def mean_per_class(run):
@@ -243,12 +252,12 @@ def per_class_chart(evals: list[str | Path], summary: pd.DataFrame, classes: lis
                 for pc in df.loc[df["run"] == run, "per_class"] if pc is not None]
         return np.nanmean(np.stack(rows), axis=0), len(rows)
 
-    (b, nb), (v, nv) = mean_per_class(BASELINE), mean_per_class(best)
+    (b, nb), (v, nv) = mean_per_class(base_run), mean_per_class(best)
     names = [classes[i] if i < len(classes) else str(i) for i in range(len(b))]
     x = np.arange(len(b))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(b) + 2), 3.6))
-    ax.bar(x - 0.2, b, 0.4, color="#555555", label=f"{BASELINE} (n={nb})")
+    ax.bar(x - 0.2, b, 0.4, color="#555555", label=f"{base_run} (n={nb})")
     ax.bar(x + 0.2, v, 0.4, color="#dd8452", label=f"{best} (n={nv})")
     for xi, d, top in zip(x, np.round(v - b, 6), np.fmax(b, v), strict=True):
         if not np.isnan(d):
@@ -261,8 +270,8 @@ def per_class_chart(evals: list[str | Path], summary: pd.DataFrame, classes: lis
     ax.set_ylabel("test top-1 of the class (mean over seeds)", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{_datasets(summary)}: {title}, best neighbour configuration against the "
-                 "baseline\n(numbers: best − baseline)", fontsize=9)
+    ax.set_title(f"{dataset_names(summary)}: {title}, best neighbour configuration against "
+                 "its method's baseline\n(numbers: best − baseline)", fontsize=9)
     _save(fig, path)
 
 
@@ -274,7 +283,9 @@ def embedding_map(evals: list[str | Path], summary: pd.DataFrame, labels: np.nda
     df = _evals(evals)
     order = [r for r in df["run"].unique() if r.startswith("latent-")]
     order += ["pixels"] if "pixels" in set(df["run"]) else []
-    order += [r for r in (BASELINE, best_run(summary)) if r is not None and r in set(df["run"])]
+    baselines = [r for r in df["run"].unique() if str(r).endswith("-baseline")]
+    order += [r for r in (*sorted(baselines), best_run(summary))
+              if r is not None and r in set(df["run"])]
     panels = []
     for run in order:
         rows = df[df["run"] == run].sort_values("seed", na_position="first")
@@ -308,7 +319,8 @@ def embedding_map(evals: list[str | Path], summary: pd.DataFrame, labels: np.nda
                for i, name in enumerate(classes)]
     fig.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
                title="label", title_fontsize=7)
-    fig.suptitle(f"{_datasets(summary)}: test images in 2-D (PCA of L2-normalised features, "
+    fig.suptitle(f"{dataset_names(summary)}: test images in 2-D (PCA of L2-normalised "
+                 "features, "
                  "fit on the training images)", fontsize=9)
     _save(fig, path)
 
@@ -326,7 +338,7 @@ def report_figures(
     accuracy_chart(s, accuracy)
     paired_chart(s, paired)
     accuracy_vs_purity(s, purity)
-    byol_histories(histories, curves)
+    train_histories(histories, curves)
     per_class_chart(evals, s, list(prepared.classes), per_class)
     embedding_map(evals, s, prepared.labels, list(prepared.classes), embeddings)
     print(f"figures: {len(s)} configurations, {len(histories)} BYOL histories, "

@@ -241,6 +241,14 @@ def locate(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return pos, ids[pos] == wanted
 
 
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically (see :func:`atomic_path`)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def code_version() -> str:
     """Package version plus the git commit of the source tree, when there is one."""
     here = Path(__file__).resolve().parent.parent

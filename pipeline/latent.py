@@ -14,9 +14,18 @@ import numpy as np
 import torch
 
 from pipeline import PipelineError
+from pipeline.augment import to_float
 from pipeline.config import check_fields
 from pipeline.device import LAYOUT, describe, resolve_device, seed_everything
-from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
+from pipeline.io import (
+    TRAINING_SPLITS,
+    Prepared,
+    atomic_path,
+    load_prepared,
+    locate,
+    provenance,
+    save_checkpoint,
+)
 from pipeline.latent_health import (
     MIN_STEPS,
     PROBE_IMAGES,
@@ -30,7 +39,6 @@ from pipeline.latent_models import (
     RidgeStart,
     build_model,
     check_model,
-    to_model_input,
 )
 
 ENCODE_BATCH = 1024
@@ -78,11 +86,6 @@ def _write_curve(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def _spread(n: int, count: int = RECON_SHOWN) -> np.ndarray:
     """Up to ``count`` positions spread evenly over n: sets sorted by class show several."""
     return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
@@ -102,7 +105,7 @@ def _recon_figure(model: torch.nn.Module, name: str, data: Prepared, train_rows:
         rows, what = test_rows[_spread(len(test_rows))], "test images"
         code_rows = np.zeros(len(rows), dtype=np.int64)  # unused by encoder models
     with torch.no_grad():
-        x = to_model_input(torch.from_numpy(data.images[rows]).to(device))
+        x = to_float(torch.from_numpy(data.images[rows]).to(device))
         recon = model.reconstruct(x, torch.as_tensor(code_rows, device=device))
     recon = recon.permute(0, 2, 3, 1).cpu().numpy()
     image_grid([data.images[rows], recon], path, row_labels=["original", "reconstruction"],
@@ -120,7 +123,7 @@ def _reference_mse(images: torch.Tensor, positions: torch.Tensor, mean: torch.Te
     a model that draws the same image for every input. Computed once per run."""
     total = 0.0
     for s in range(0, len(positions), ENCODE_BATCH):
-        x = to_model_input(images[positions[s:s + ENCODE_BATCH]])
+        x = to_float(images[positions[s:s + ENCODE_BATCH]])
         total += (x - mean).pow(2).sum().item()
     return total / (len(positions) * mean.numel())
 
@@ -134,7 +137,7 @@ def _probe(net: torch.nn.Module, images: torch.Tensor, positions: torch.Tensor
     total, latents = 0.0, []
     for s in range(0, len(positions), ENCODE_BATCH):
         index = positions[s:s + ENCODE_BATCH]
-        x = to_model_input(images[index])
+        x = to_float(images[index])
         total += (net.reconstruct(x, index) - x).pow(2).sum().item()
         latents.append(_latent_of(net, x, index))
     net.train(was_training)
@@ -201,7 +204,7 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
         totals = torch.zeros(1 + len(net.components), device=dev)
         for s in range(steps):
             index = order[s * params.batch_size:(s + 1) * params.batch_size]
-            loss, parts = net.loss(to_model_input(images[index]), index)
+            loss, parts = net.loss(to_float(images[index]), index)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -275,7 +278,7 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
     loss_curves(series, loss_plot, title=f"{model} training loss", log_y=positive)
     _recon_figure(net, model, prepared, rows, dev, recon_plot)
     _write_curve(curve, history)
-    _save_checkpoint(out, state)  # last: its presence means the stage finished
+    save_checkpoint(state, out)  # last: its presence means the stage finished
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -302,15 +305,15 @@ def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.devi
     p = LatentParams(**state["params"])
     out = np.zeros((len(data.ids), p.dim), dtype=np.float32)
     if isinstance(net, AutoDecoder):
-        position = {int(i): r for r, i in enumerate(state["train_ids"].tolist())}
-        known = np.array([int(i) in position for i in data.ids], dtype=bool)
-        if known.sum() != len(position):
+        train_ids = state["train_ids"].numpy()
+        position, known = locate(train_ids, data.ids)
+        if known.sum() != len(train_ids):
             raise PipelineError(
-                f"prepared data holds {known.sum()} of the {len(position)} images the "
+                f"prepared data holds {known.sum()} of the {len(train_ids)} images the "
                 "auto-decoder was trained on; re-train it on this data set"
             )
         codes = net.codes.weight.detach()
-        order = [position[int(i)] for i in data.ids[known]]
+        order = position[known]
         out[known] = codes.cpu().numpy()[order]
         todo = np.flatnonzero(~known)
         start = None
@@ -318,13 +321,13 @@ def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.devi
             start = RidgeStart(torch.from_numpy(data.images[known]).to(device), codes[order])
         for s in range(0, len(todo), ENCODE_BATCH):
             rows = todo[s:s + ENCODE_BATCH]
-            x = to_model_input(torch.from_numpy(data.images[rows]).to(device))
+            x = to_float(torch.from_numpy(data.images[rows]).to(device))
             z0 = None if start is None else start(x)
             out[rows] = net.infer(x, p.infer_steps, p.infer_lr, z0).cpu().numpy()
         return out
     with torch.no_grad():
         for s in range(0, len(data.ids), ENCODE_BATCH):
-            x = to_model_input(torch.from_numpy(data.images[s:s + ENCODE_BATCH]).to(device))
+            x = to_float(torch.from_numpy(data.images[s:s + ENCODE_BATCH]).to(device))
             out[s:s + ENCODE_BATCH] = net.represent(x).cpu().numpy()
     return out
 

@@ -9,20 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline import PipelineError
+from pipeline.augment import to_float
 
-
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """The one preprocessing shared by training and export.
-
-    Args:
-        images: uint8 (N, H, W, C).
-
-    Returns:
-        float32 (N, C, H, W) in [0, 1].
-
-    The result keeps the NHWC storage (channels-last strides), the layout the models run in.
-    """
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
+# The models' input is augment.to_float's: float32 NCHW in [0, 1] that keeps the NHWC storage
+# (channels-last strides), the layout the models run in. This second name is only for
+# bench/bench_latent.py, which imports it; drop it when the bench imports to_float.
+to_model_input = to_float
 
 
 def level_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -253,7 +245,7 @@ class RidgeStart:
         n, dim = len(images), codes.shape[1]
         xtx = xty = sx = None
         for s in range(0, n, batch):
-            f = self.features(to_model_input(images[s:s + batch]))
+            f = self.features(to_float(images[s:s + batch]))
             y = codes[s:s + batch].to(f)
             if xtx is None:
                 xtx, xty = f.new_zeros(f.shape[1], f.shape[1]), f.new_zeros(f.shape[1], dim)

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
+from pipeline.features import align, pixel_features
 from pipeline.io import (
     TRAINING_SPLITS,
     Prepared,
     atomic_path,
     code_version,
     load_prepared,
-    locate,
     read_latents,
 )
 from pipeline.latent_health import SPREAD_MIN
@@ -329,8 +329,6 @@ def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str
     source = Path(source)
     train = np.isin(data.split, TRAINING_SPLITS)
     if source.suffix == ".npz":
-        from pipeline.evaluate import pixel_features
-
         return pixel_features(data.subset(*TRAINING_SPLITS)), "pixels", {}
     if source.suffix != ".parquet":
         raise PipelineError(f"cannot read neighbours source {source}: expected .parquet or .npz")
@@ -341,13 +339,8 @@ def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str
     if bad:
         raise PipelineError(f"{source}: {bad} of {len(x)} latent rows contain NaN or infinite "
                             "values")
-    pos, found = locate(ids, data.ids[train])
-    unknown = np.setdiff1d(ids, data.ids).size
-    if not found.all() or unknown or len(np.unique(ids)) != len(ids):
-        raise PipelineError(
-            f"{source}: ids do not match the prepared data set ({int((~found).sum())} training "
-            f"ids missing, {unknown} ids unknown, {len(ids) - len(np.unique(ids))} duplicated)"
-        )
+    # The export holds every prepared image; the search wants the training ones.
+    pos = align(ids, data.ids[train], "training", source, known=data.ids)
     return x[pos], meta.get("model", source.parent.name), meta
 
 

@@ -23,7 +23,7 @@ TINY = {
     "latent": {"dim": 4, "epochs": 2, "width": 8, "batch_size": 32,
                "autodecoder": {"infer_steps": 5}},
     "neighbours": {"k": 3},
-    "byol": {"epochs": 2, "batch_size": 32, "proj_dim": 16, "proj_hidden": 32,
+    "train": {"epochs": 2, "batch_size": 32, "proj_dim": 16, "proj_hidden": 32,
              "checkpoint_every": 1, "warmup_epochs": 1, "seeds": [0]},
     "evaluate": {"max_iter": 200, "knn_k": [5, 200]},
 }

@@ -8,16 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pipeline.byol as byol
-import pipeline.byol_variants as variants
+import pipeline.train.loop as byol
+import pipeline.train.uses as variants
 from pipeline import PipelineError
 from pipeline.augment import AugmentParams
 from pipeline.backbones import build_backbone, resolve_backbone
-from pipeline.byol import ByolParams, encode_checkpoint, train_byol
-from pipeline.byol_encoder import channel_stats, write_untrained
-from pipeline.byol_model import Online, Target, ema_update, symmetric_loss
-from pipeline.byol_optim import LARS, make_optimizer, tau_at
-from pipeline.byol_variants import Streams, Views
+from pipeline.train.loop import ByolParams, encode_checkpoint, train_byol
+from pipeline.train.encoder import channel_stats, write_untrained
+from pipeline.train.methods.byol import Online, Target, ema_update, symmetric_loss
+from pipeline.train.optim import LARS, make_optimizer, tau_at
+from pipeline.train.uses import Streams, Views
 from pipeline.io import Prepared, load_prepared, save_prepared
 
 TINY = dict(backbone="smallconv", epochs=2, batch_size=16, proj_dim=8, proj_hidden=16,

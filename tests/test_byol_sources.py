@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_byol import OFF, TINY, IndexViews, same_weights, streams, weights, write_data
 
-import pipeline.byol as byol
-import pipeline.byol_variants as variants
+import pipeline.train.loop as byol
+import pipeline.train.uses as variants
 from pipeline import PipelineError
-from pipeline.byol import ByolParams, train_byol
-from pipeline.byol_sources import FilterParams, OnlineParams, QueueSource, filter_table
+from pipeline.train.loop import ByolParams, train_byol
+from pipeline.train.sources import FilterParams, OnlineParams, QueueSource, filter_table
 
 
 @pytest.fixture(autouse=True)

@@ -179,7 +179,7 @@ def test_experiment_folder_follows_the_config_file(files, tag):
 @pytest.mark.parametrize("module, cls, section", [
     ("pipeline.latent", "LatentParams", "latent"),
     ("pipeline.neighbours", "NeighboursParams", "neighbours"),
-    ("pipeline.byol", "ByolParams", "byol"),
+    ("pipeline.train.loop", "ByolParams", "byol"),
     ("pipeline.augment", "AugmentParams", "byol.augment"),
     ("pipeline.evaluate", "EvaluateParams", "evaluate"),
     ("pipeline.prepare", "PrepareParams", "dataset"),
@@ -202,13 +202,13 @@ def test_stage_dataclass_defaults_agree_with_the_schema(module, cls, section):
      "config key 'latent.dim': 0 is less than the minimum of 1"),
     ("pipeline.latent.LatentParams", {"prior_weight": -1.0},
      "config key 'latent.autodecoder.prior_weight': -1.0 is less than the minimum of 0"),
-    ("pipeline.byol.ByolParams", {"lr": float("nan")},
+    ("pipeline.train.loop.ByolParams", {"lr": float("nan")},
      "config key 'byol.lr': nan is not a finite number"),
-    ("pipeline.byol.ByolParams", {"view2.flip_prob": 2.0},
+    ("pipeline.train.loop.ByolParams", {"view2.flip_prob": 2.0},
      "config key 'byol.view2.flip_prob': 2.0 is greater than the maximum of 1"),
-    ("pipeline.byol.ByolParams", {"optimizer": "adam"},
+    ("pipeline.train.loop.ByolParams", {"optimizer": "adam"},
      "config key 'byol.optimizer': 'adam' is not one of"),
-    ("pipeline.byol.ByolParams", {"precision": "fp16"},
+    ("pipeline.train.loop.ByolParams", {"precision": "fp16"},
      "config key 'byol.precision': 'fp16' is not one of ['auto', 'fp32', 'bf16']"),
 ])
 def test_stage_params_get_the_config_message_from_any_entry_point(cls, flat, message):

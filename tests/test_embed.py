@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipeline import PipelineError
 from pipeline.__main__ import main
-from pipeline.byol_encoder import encode_checkpoint, write_untrained
+from pipeline.train.encoder import encode_checkpoint, write_untrained
 from pipeline.embed import embed_images
 from pipeline.io import load_prepared, read_latents
 from pipeline.prepare import PrepareParams, SyntheticParams, prepare

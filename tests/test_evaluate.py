@@ -258,7 +258,7 @@ def test_latent_features_align_by_id_and_reject_other_ids(tmp_path):
     import pytest
 
     from pipeline import PipelineError
-    from pipeline.evaluate import latent_features
+    from pipeline.features import latent_features
     from pipeline.io import load_prepared
 
     prepare(PrepareParams(name="synthetic"), tmp_path / "d.npz")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.augment import AugmentParams, augment
-from pipeline.byol import ByolParams, encode_checkpoint, train_byol
+from pipeline.train.loop import ByolParams, encode_checkpoint, train_byol
 from pipeline.io import load_neighbours, load_prepared
 from pipeline.latent import LatentParams, export_latents, train_latent
 from pipeline.neighbours import NeighboursParams, find_neighbours
@@ -76,7 +76,7 @@ def test_latent_neighbours_and_byol_on_cuda(tiny):
 
 
 def test_online_queue_on_cuda_finds_the_cpu_neighbours():
-    from pipeline.byol_sources import OnlineParams, QueueSource
+    from pipeline.train.sources import OnlineParams, QueueSource
 
     z = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator()
                                                   .manual_seed(0)), dim=-1)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipeline import PipelineError
+from pipeline.augment import to_float
 from pipeline.config import build, latent_params, validate_config
-from pipeline.evaluate import latent_features
+from pipeline.features import latent_features
 from pipeline.io import Prepared, load_prepared, save_prepared
 from pipeline.latent import LatentParams, encode, export_latents, load_checkpoint, train_latent
 from pipeline.latent_health import RATIO_MAX, CollapseCheck
@@ -25,7 +26,6 @@ from pipeline.latent_models import (
     kl_divergence,
     level_sizes,
     mse_per_image,
-    to_model_input,
 )
 from pipeline.prepare import PrepareParams, SyntheticParams, prepare
 
@@ -80,7 +80,7 @@ def read_curve(path):
 def test_architectures_return_the_exact_input_shape(shape, model):
     torch.manual_seed(0)
     net = build_model(model, shape, dim=5, width=4, n_train=2)
-    x = to_model_input(torch.randint(0, 256, (2, *shape), dtype=torch.uint8))
+    x = to_float(torch.randint(0, 256, (2, *shape), dtype=torch.uint8))
     assert x.shape == (2, shape[2], shape[0], shape[1]) and 0 <= x.min() and x.max() <= 1
     with torch.no_grad():
         recon = net.reconstruct(x, torch.arange(2))
@@ -149,7 +149,7 @@ def test_checkpoint_loads_weights_only(trained, data_path):
 def test_autodecoder_inference_lowers_reconstruction_error(trained, data_path):
     net, _ = load_checkpoint(trained["autodecoder"] / "model.pt", torch.device("cpu"))
     data = load_prepared(data_path)
-    x = to_model_input(torch.from_numpy(data.images[data.split == "test"]))
+    x = to_float(torch.from_numpy(data.images[data.split == "test"]))
     z = net.infer(x, steps=60, lr=0.05)
     with torch.no_grad():
         start = mse_per_image(net.decoder(torch.zeros_like(z)), x).mean().item()
@@ -161,10 +161,10 @@ def test_autodecoder_inference_lowers_reconstruction_error(trained, data_path):
 def test_ridge_start_recovers_a_linear_code_map_and_pools_large_images():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (200, 4, 4, 1), dtype=torch.uint8, generator=g)
-    codes = to_model_input(images).flatten(1) @ torch.randn(16, 3, generator=g) + 0.5
+    codes = to_float(images).flatten(1) @ torch.randn(16, 3, generator=g) + 0.5
     start = RidgeStart(images[:150], codes[:150], alpha=1e-9, batch=64)  # chunked sums
-    np.testing.assert_allclose(start(to_model_input(images[150:])), codes[150:], atol=1e-4)
-    assert start(to_model_input(images[:1])).dtype == torch.float32
+    np.testing.assert_allclose(start(to_float(images[150:])), codes[150:], atol=1e-4)
+    assert start(to_float(images[:1])).dtype == torch.float32
     # 64x64x3 = 12,288 values: average-pooled to 32x32 per channel before the fit
     assert RidgeStart.features(torch.rand(2, 3, 64, 64)).shape == (2, 3 * 32 * 32)
     assert RidgeStart.features(torch.rand(2, 1, 8, 8)).shape == (2, 64)
@@ -177,7 +177,7 @@ def test_autodecoder_export_starts_inference_at_the_ridge_map(trained, data_path
     train = np.array([int(i) in row for i in data.ids])
     codes = net.codes.weight.detach()[[row[int(i)] for i in data.ids[train]]]
     start = RidgeStart(torch.from_numpy(data.images[train]), codes)
-    x = to_model_input(torch.from_numpy(data.images[~train]))
+    x = to_float(torch.from_numpy(data.images[~train]))
     # with 0 steps the export writes the start itself
     state["params"].update(infer_steps=0, infer_start="ridge")
     np.testing.assert_allclose(encode(net, state, data, torch.device("cpu"))[~train],
@@ -215,7 +215,7 @@ def test_parquet_schema_rows_and_metadata(trained, data_path):
     feats, meta2 = latent_features(d / "latents.parquet", data)
     net, _ = load_checkpoint(d / "model.pt", torch.device("cpu"))
     with torch.no_grad():
-        mean = net.posterior(to_model_input(torch.from_numpy(data.images)))[0].numpy()
+        mean = net.posterior(to_float(torch.from_numpy(data.images)))[0].numpy()
     np.testing.assert_allclose(feats, mean, rtol=1e-5, atol=1e-6)
     assert meta2 == meta
 

@@ -10,18 +10,16 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from pipeline import PipelineError
+from pipeline.codeinputs import module_files, stage_module
 from pipeline.config import (
     as_param,
     build,
-    byol_params,
     read_config_file,
     evaluate_params,
     latent_params,
     neighbours_params,
     prepare_params,
     resolve_config,
-    run_name,
-    VARIANTS as ALL_VARIANTS,
     runtime_params,
 )
 from pipeline.experiments import (
@@ -32,6 +30,7 @@ from pipeline.experiments import (
     report_path,
 )
 from pipeline.prepare import PrepareParams, check_source
+from pipeline.train.grid import runs as grid_runs, train_params
 
 
 # A --configfile replaces config.yaml instead of being merged over it (Snakemake's default),
@@ -92,12 +91,9 @@ HEAVY = max(1, min(4, (os.cpu_count() or 2) // 2))
 LATENTS = config["latent"]["models"]
 METRICS = config["neighbours"]["metrics"]
 SPACES = LATENTS + (["pixels"] if config["neighbours"]["pixels"] else [])
-VARIANTS = config["byol"]["variants"]
-SEEDS = config["byol"]["seeds"]
-SOURCES = config["byol"]["sources"]
-ROUNDS = config["byol"]["refresh_rounds"]
-# Every registered variant but the baseline uses neighbours (a wildcard regex).
-NEIGHBOUR_VARIANTS = "|".join(v for v in ALL_VARIANTS if v != "baseline")
+SEEDS = config["train"]["seeds"]
+# Every trained configuration of the grid, by name (the registry the rules look runs up in).
+RUNS = {r.name: r for r in grid_runs(config)}
 
 
 wildcard_constraints:
@@ -108,9 +104,10 @@ wildcard_constraints:
     run=r"[a-z0-9-]+",
 
 
-def sources(*names):
-    """A stage's own source files, as inputs, so that editing them re-runs the stage."""
-    return [str(SRC / name) for name in names]
+def code_of(command):
+    """A stage's source files, as inputs, so that editing one re-runs the stage: the modules
+    its CLI handler imports and every ``pipeline`` module they import in turn."""
+    return module_files(*stage_module(command), root=Path(workflow.basedir))
 
 
 def params_of(kind, *args):
@@ -119,7 +116,6 @@ def params_of(kind, *args):
         "prepare": prepare_params,
         "latent": latent_params,
         "neighbours": neighbours_params,
-        "byol": byol_params,
         "evaluate": evaluate_params,
     }
     return as_param(makers[kind](config, *args))
@@ -144,24 +140,8 @@ def eval_json(run, seed=None):
     return os.path.join(R, "eval", run, f"seed{seed}.json")
 
 
-def byol_runs():
-    """BYOL run names of the grid: the baseline, and each neighbour variant per source: per
-    latent space and metric (and refresh round), and online."""
-    runs = []
-    for variant in VARIANTS:
-        if variant == "baseline":
-            runs.append(run_name("byol", "baseline"))
-            continue
-        if "latent" in SOURCES:
-            runs += [run_name("byol", variant, m, d, r) for m in LATENTS for d in METRICS
-                     for r in range(1, ROUNDS + 1)]
-        if "online" in SOURCES:
-            runs.append(run_name("byol", variant, "online"))
-    return runs
-
-
-def byol_dir(run, seed):
-    return os.path.join(R, "byol", run.removeprefix("byol-"), f"seed{seed}")
+def train_dir(run, seed):
+    return os.path.join(R, "train", run, f"seed{seed}")
 
 
 def neighbours_source(wildcards):
@@ -186,26 +166,26 @@ def purity_flag(wildcards):
 
 def linear_eval_inputs(wildcards):
     """Every metrics JSON of the experiment grid, plus the cheap reference rows."""
-    runs = [eval_json(run_name("pixels"))]
-    runs += [eval_json(run_name("latent", latent=m)) for m in LATENTS]
+    runs = [eval_json("pixels")]
+    runs += [eval_json(f"latent-{m}") for m in LATENTS]
     if config["evaluate"]["untrained"]:
-        runs += [eval_json("byol-untrained", s) for s in SEEDS]
-    runs += [eval_json(r, s) for r in byol_runs() for s in SEEDS]
+        runs += [eval_json("untrained", s) for s in SEEDS]
+    runs += [eval_json(r, s) for r in RUNS for s in SEEDS]
     return runs
 
 
-def byol_histories(wildcards):
-    """Per-epoch history of every trained BYOL run and seed (for the overlaid curves)."""
-    return [os.path.join(byol_dir(r, s), "history.csv") for r in byol_runs() for s in SEEDS]
+def train_histories(wildcards):
+    """Per-epoch history of every trained run and seed (for the overlaid curves)."""
+    return [os.path.join(train_dir(r, s), "history.csv") for r in RUNS for s in SEEDS]
 
 
 def report_inputs(wildcards):
     """Everything the HTML report shows, so `snakemake --report` finds it built."""
     figures = [f"{R}/latent/{m}/{f}.png" for m in LATENTS for f in ("loss", "recon")]
     figures += [f"{R}/neighbours/{s}-{m}/grid.png" for s in SPACES for m in METRICS]
-    figures += [os.path.join(byol_dir(r, s), "loss.png") for r in byol_runs() for s in SEEDS]
+    figures += [os.path.join(train_dir(r, s), "loss.png") for r in RUNS for s in SEEDS]
     figures += [f"{R}/{f}.png" for f in ("accuracy", "paired_difference", "accuracy_vs_purity",
-                                         "per_class", "embeddings", "byol_histories")]
+                                         "per_class", "embeddings", "train_histories")]
     tables = ["linear_eval.csv", "summary.csv", "linear_eval.html", "summary.html",
               "overview.rst"]
     return figures + purity_table(wildcards) + [f"{R}/{t}" for t in tables]
@@ -215,30 +195,50 @@ def latent_cfg(wildcards):
     return params_of("latent", wildcards.model)
 
 
-def untrained_cfg():
-    """The untrained control depends only on the architecture, not on training keys."""
-    flat = byol_params(config, "baseline")
-    return as_param({k: flat[k] for k in ("backbone", "proj_dim", "proj_hidden")})
+def run_of(wildcards):
+    """The grid's run of a training job, looked up by name."""
+    if wildcards.run not in RUNS:
+        raise PipelineError(f"no run {wildcards.run!r} in this experiment's grid")
+    return RUNS[wildcards.run]
 
 
-def byol_cfg(source):
-    """A BYOL rule's params function; ``source`` is its neighbour source."""
-
-    def cfg(wildcards):
-        return params_of("byol", wildcards.variant, source)
-
-    return cfg
+def train_cfg(wildcards):
+    return as_param(train_params(config, run_of(wildcards)))
 
 
-def refreshed_from(wildcards):
-    """The BYOL run whose encoder's features a refresh round mines: the previous round."""
-    return run_name("byol", wildcards.variant, wildcards.model, wildcards.metric,
-                    int(wildcards.round) - 1).removeprefix("byol-")
+def train_neighbours(wildcards):
+    """The neighbours file of an offline source: mined once in a latent space, or in the
+    features of the run's previous refresh round; none for a baseline or the queue."""
+    run = run_of(wildcards)
+    if run.source == "latent":
+        return [f"{R}/neighbours/{run.space}-{run.metric}/neighbours.parquet"]
+    if run.source == "refresh":
+        return [f"{R}/neighbours/refresh/{run.name}/seed{wildcards.seed}/neighbours.parquet"]
+    return []
+
+
+def train_args(wildcards, input):
+    """The run's method, use and source as command-line flags."""
+    run = run_of(wildcards)
+    args = f"--method {run.method} --use {run.use}"
+    if run.source:
+        args += f" --source {run.source} --round {run.round}"
+        args += f" --space {run.space} --metric {run.metric}" if run.space else ""
+    return args + "".join(f" --neighbours {n}" for n in input.neighbours)
 
 
 def refresh_features(wildcards):
-    return os.path.join(byol_dir(refreshed_from(wildcards), wildcards.seed), "features.parquet")
+    """The features a refresh round mines: the previous round's encoder's."""
+    run = RUNS[wildcards.run].previous()
+    return os.path.join(train_dir(run.name, wildcards.seed), "features.parquet")
 
 
-def byol_encoder(wildcards):
-    return os.path.join(byol_dir(wildcards.run, wildcards.seed), "encoder.pt")
+def neighbours_metric(wildcards):
+    """The metric of a neighbours job: its wildcard, or a refresh round's run's metric."""
+    if "metric" in wildcards.keys():
+        return wildcards.metric
+    return RUNS[wildcards.run].metric
+
+
+def train_encoder(wildcards):
+    return os.path.join(train_dir(wildcards.run, wildcards.seed), "encoder.pt")

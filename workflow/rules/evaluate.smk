@@ -3,7 +3,7 @@ rule evaluate_pixels:
     input:
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
-        code=sources("evaluate.py"),
+        code=code_of("evaluate"),
     output:
         eval_json("pixels"),
     params:
@@ -23,12 +23,12 @@ rule evaluate_pixels:
 
 
 rule evaluate_latent:
-    """Linear probe on a latent space itself, before BYOL uses it."""
+    """Linear probe on a latent space itself, before training uses it."""
     input:
         source=f"{R}/latent/{{model}}/latents.parquet",
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
-        code=sources("evaluate.py"),
+        code=code_of("evaluate"),
     output:
         os.path.join(R, "eval", "latent-{model}.json"),
     params:
@@ -48,16 +48,17 @@ rule evaluate_latent:
         " --data {input.data} --out {output} > {log} 2>&1"
 
 
-rule evaluate_byol:
-    """Frozen BYOL encoder (no projector), no augmentation: linear probe and kNN."""
+rule evaluate_train:
+    """A frozen trained (or untrained) encoder, no projector, no augmentation: linear probe
+    and kNN."""
     input:
-        source=byol_encoder,
+        source=train_encoder,
         data=f"{R}/data.npz",
-        code=sources("evaluate.py"),
+        code=code_of("evaluate"),
     output:
         os.path.join(R, "eval", "{run}", "seed{seed}.json"),
     wildcard_constraints:
-        run=r"byol-[a-z0-9-]+",
+        run="|".join([*RUNS, "untrained"]),
     params:
         cfg=params_of("evaluate"),
         dataset=DS,
@@ -85,7 +86,7 @@ rule aggregate:
         runs=linear_eval_inputs,
         purity=purity_table,
         data=f"{R}/data.npz",
-        code=sources("aggregate.py"),
+        code=code_of("aggregate"),
     output:
         table=report(f"{R}/linear_eval.csv", caption="../report/linear_eval.rst",
                      category="Results", subcategory="Tables (CSV)",
@@ -96,7 +97,7 @@ rule aggregate:
         summary_html=report(f"{R}/summary.html", caption="../report/summary.rst",
                             category="Results", subcategory="Summary and paired differences",
                             labels={"page": "1. summary table: mean ± std over seeds, "
-                                    "paired difference to byol-baseline"}),
+                                    "paired difference to each baseline"}),
         table_html=report(f"{R}/linear_eval.html", caption="../report/linear_eval.rst",
                           category="Results", subcategory="Every run",
                           labels={"page": "results table: every run and seed"}),
@@ -124,8 +125,8 @@ rule figures:
         summary=f"{R}/summary.csv",
         data=f"{R}/data.npz",
         evals=linear_eval_inputs,
-        histories=byol_histories,
-        code=sources("figures.py"),
+        histories=train_histories,
+        code=code_of("figures"),
     output:
         accuracy=report(f"{R}/accuracy.png", caption="../report/accuracy.rst",
                         category="Results", subcategory="Summary and paired differences",
@@ -143,8 +144,8 @@ rule figures:
         embeddings=report(f"{R}/embeddings.png", caption="../report/embeddings.rst",
                           category="Results", subcategory="Why: purity, classes, embeddings",
                           labels={"page": "3. test images in 2-D (PCA), coloured by label"}),
-        curves=report(f"{R}/byol_histories.png", caption="../report/byol_histories.rst",
-                      category="BYOL", subcategory="all runs"),
+        curves=report(f"{R}/train_histories.png", caption="../report/train_histories.rst",
+                      category="Training", subcategory="all runs"),
     conda:
         ENV
     log:
@@ -167,7 +168,7 @@ rule combine:
     input:
         table=f"{R}/linear_eval.csv",
         report=report_inputs,
-        code=sources("aggregate.py"),
+        code=code_of("combine"),
     output:
         "results/linear_eval.csv",
     conda:

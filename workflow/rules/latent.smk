@@ -3,7 +3,7 @@ rule train_latent:
     input:
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
-        code=sources("latent.py", "latent_models.py", "latent_health.py", "plots.py"),
+        code=code_of("train-latent"),
     output:
         model=f"{R}/latent/{{model}}/model.pt",
         curve=f"{R}/latent/{{model}}/loss.csv",
@@ -47,7 +47,7 @@ rule export_latents:
     input:
         model=f"{R}/latent/{{model}}/model.pt",
         data=f"{R}/data.npz",
-        code=sources("latent.py", "latent_models.py", "latent_health.py"),
+        code=code_of("export-latents"),
     output:
         f"{R}/latent/{{model}}/latents.parquet",
     params:

@@ -4,7 +4,7 @@ rule neighbours:
         source=neighbours_source,
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
-        code=sources("neighbours.py", "latent_health.py", "plots.py"),
+        code=code_of("neighbours"),
     output:
         table=f"{R}/neighbours/{{space}}-{{metric}}/neighbours.parquet",
         grid=report(
@@ -17,6 +17,7 @@ rule neighbours:
         cfg=params_of("neighbours"),
         opts=runtime_of("neighbours"),
         device=DEVICE,
+        metric=neighbours_metric,
     log:
         f"{LOGS}/neighbours/{{space}}-{{metric}}.log",
     benchmark:
@@ -29,7 +30,7 @@ rule neighbours:
         runtime=120,
         gpu=GPU,
     shell:
-        "python -m pipeline --threads {threads} neighbours --metric {wildcards.metric}"
+        "python -m pipeline --threads {threads} neighbours --metric {params.metric}"
         " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"
         " --source {input.source}"
         " --data {input.data} --out {output.table} --grid {output.grid} > {log} 2>&1"
@@ -40,24 +41,21 @@ use rule neighbours as neighbours_refresh with:
         source=refresh_features,
         data=f"{R}/data.npz",
         checked=ancient(CHECKED),
-        code=sources("neighbours.py", "latent_health.py", "plots.py"),
+        code=code_of("neighbours"),
     output:
-        table=f"{R}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/neighbours.parquet",
-        grid=f"{R}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}/seed{{seed}}/grid.png",
-    wildcard_constraints:
-        variant=NEIGHBOUR_VARIANTS,
-        round=r"[2-9]|[1-9]\d+",
+        table=f"{R}/neighbours/refresh/{{run}}/seed{{seed}}/neighbours.parquet",
+        grid=f"{R}/neighbours/refresh/{{run}}/seed{{seed}}/grid.png",
     log:
-        f"{LOGS}/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}-seed{{seed}}.log",
+        f"{LOGS}/neighbours/refresh/{{run}}-seed{{seed}}.log",
     benchmark:
-        f"{R}/benchmarks/neighbours/refresh/{{variant}}-{{model}}-{{metric}}-r{{round}}-seed{{seed}}.tsv"
+        f"{R}/benchmarks/neighbours/refresh/{{run}}-seed{{seed}}.tsv"
 
 
 rule purity:
     """Neighbour label purity and hubness of every space and metric, side by side."""
     input:
         tables=purity_inputs,
-        code=sources("neighbours.py", "latent_health.py"),
+        code=code_of("purity"),
     output:
         report(
             f"{R}/neighbours/purity.csv",

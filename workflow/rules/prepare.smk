@@ -1,7 +1,7 @@
 rule prepare:
     """Turn the configured data-set source into the canonical prepared file."""
     input:
-        code=sources("prepare.py"),
+        code=code_of("prepare"),
     output:
         f"{R}/data.npz",
     params:
@@ -27,14 +27,14 @@ rule check_data:
     """Checks that need the prepared data (neighbours.k, labels) before any training starts."""
     input:
         data=f"{R}/data.npz",
-        code=sources("prepare.py"),
+        code=code_of("check-data"),
     output:
         CHECKED,
     params:
         k=f"--k {config['neighbours']['k']}" if SPACES and METRICS else "",
         queue=(
-            f"--queue-size {config['byol']['online']['queue_size']}"
-            if "online" in SOURCES and VARIANTS != ["baseline"]
+            f"--queue-size {config['train']['queue']['queue_size']}"
+            if any(r.source == "queue" for r in RUNS.values())
             else ""
         ),
     log:

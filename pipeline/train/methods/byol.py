@@ -1,4 +1,5 @@
-"""BYOL's networks and losses (Grill et al. 2020): heads, online and target branches, EMA."""
+"""BYOL (Grill et al. 2020): online and target branches, the EMA, the regression loss, and
+the neighbour-mixed targets of the weighted and top-k uses."""
 
 from __future__ import annotations
 
@@ -8,19 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backbones import build_backbone
-
-
-class MLP(nn.Module):
-    """Linear-BN-ReLU-Linear head (BYOL projector and predictor): (B, in_dim) -> (B, out_dim)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+from pipeline.train.methods.heads import MLP, StepOut
+from pipeline.train.optim import tau_at
 
 
 class Online(nn.Module):
@@ -48,14 +38,6 @@ class Target(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x))
-
-
-def init_models(backbone: str, proj_hidden: int, proj_dim: int, seed: int, in_channels: int,
-                size: int) -> tuple[Online, Target]:
-    """Seeded online network and its target copy; the untrained control uses the same draw."""
-    torch.manual_seed(seed)
-    online = Online(build_backbone(backbone, in_channels, size), proj_hidden, proj_dim)
-    return online, Target(online)
 
 
 def target_params(online: Online) -> list[torch.Tensor]:
@@ -107,3 +89,52 @@ def weighted_target(z: torch.Tensor, neighbours: tuple[torch.Tensor, ...],
     for w, n in zip(weights[1:], neighbours, strict=True):
         out = out + w * F.normalize(n.float(), dim=-1)
     return out
+
+
+class BYOL(nn.Module):
+    """The online network learns to predict the EMA target's projection of the other view.
+
+    Args:
+        encoder: (B, C, H, W) -> (B, encoder.out_dim), the exported representation network.
+        proj_hidden, proj_dim: the projector's and predictor's widths.
+        tau_base: the target's initial EMA rate (``byol.tau_base``), rising to 1 (cosine).
+    """
+
+    def __init__(self, encoder: nn.Module, proj_hidden: int, proj_dim: int,
+                 tau_base: float = 0.99):
+        super().__init__()
+        self.online = Online(encoder, proj_hidden, proj_dim)
+        self.target = Target(self.online)
+        self.tau_base = self.tau = tau_base
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.online.encoder
+
+    def trainable(self) -> nn.Module:
+        return self.online
+
+    def loss(self, v1: torch.Tensor, v2: torch.Tensor, idx: torch.Tensor, g: torch.Generator,
+             n1: tuple[torch.Tensor, ...] = (), n2: tuple[torch.Tensor, ...] = (),
+             weights: tuple[float, ...] = (1.0,)) -> StepOut:
+        """Both views through online and target, the symmetric loss.
+
+        Args:
+            v1, v2: (B, C, H, W) normalised views.
+            n1, n2: neighbour views whose target projections mix into view 1's and view 2's
+                targets with ``weights`` (the weighted and top-k uses); none for plain BYOL.
+        """
+        h1, p1 = self.online(v1)
+        _, p2 = self.online(v2)
+        with torch.no_grad():
+            z1, z2 = self.target(v1), self.target(v2)
+            # Neighbour views pass through the target only, in their own batches, so the
+            # image views see exactly the batch statistics they would see in the baseline.
+            t1 = weighted_target(z1, tuple(self.target(x) for x in n1), weights)
+            t2 = weighted_target(z2, tuple(self.target(x) for x in n2), weights)
+        return StepOut(symmetric_loss(p1, p2, t1, t2), h1.detach(), z1)
+
+    def after_step(self, out: StepOut, idx: torch.Tensor, step: int, total: int) -> None:
+        """The target's EMA step at this step's rate."""
+        self.tau = tau_at(step, total, self.tau_base)
+        ema_update(self.target, self.online, self.tau)

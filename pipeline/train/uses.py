@@ -1,10 +1,10 @@
-"""The BYOL variants: how a step uses an image's neighbours (a registry of neighbour uses).
+"""Neighbour uses: how a training step uses an image's neighbours (a registry).
 
-A use turns a batch of anchor indices into a :class:`Batch`: the two views the online
-network sees, and optionally neighbour views whose target projections enter each view's
-target with fixed weights. Adding a use is one entry in :data:`VARIANTS` plus its keys in
-the schema (``byol.variants``' enum and a ``byol.<name>`` section); the rule's wildcard and
-the run names follow from the schema's list.
+A use turns a batch of anchor indices into a :class:`Batch`: the two views the method sees,
+and optionally neighbour views whose target projections enter each view's target with fixed
+weights (BYOL only). Adding a use is one entry in :data:`USES` plus its keys in the schema
+(``train.uses``' enum and a ``train.<name>`` section) and the methods that take it in
+``pipeline.train.grid.METHOD_USES``; the run names follow from the grid.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.augment import AugmentParams, augment, rand, to_float
-from pipeline.byol_sources import QueueSource, TableSource
+from pipeline.train.sources import QueueSource, TableSource
 
 
 @dataclass
@@ -24,7 +24,8 @@ class Batch:
     """What one step trains on.
 
     Each view's target is ``weights[0] * unit(target(v)) + sum_j weights[j + 1] *
-    unit(target(n[j]))``; with no neighbour views and ``weights == (1.0,)`` it is plain BYOL.
+    unit(target(n[j]))``; with no neighbour views and ``weights == (1.0,)`` it is the method's
+    baseline.
     """
 
     v1: torch.Tensor
@@ -50,9 +51,9 @@ class Streams:
 
 
 class Views:
-    """Shared inputs of every variant's view builder: the images, the neighbour source
-    (:mod:`pipeline.byol_sources`; a bare (N, k) table is an offline one) and each view's
-    augmentation (view 1 and view 2 of BYOL may differ)."""
+    """Shared inputs of every use's view builder: the images, the neighbour source
+    (:mod:`pipeline.train.sources`; a bare (N, k) table is an offline one) and each view's
+    augmentation (view 1 and view 2 may differ, as in BYOL)."""
 
     def __init__(self, images: torch.Tensor, neighbours: TableSource | QueueSource
                  | torch.Tensor | None, aug1: AugmentParams, aug2: AugmentParams,
@@ -87,7 +88,7 @@ def _baseline(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -
 def _probabilistic(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
     """Per sample, with probability p (times the warm-up ramp s), the second view shows a
     random neighbour instead."""
-    coin = rand(len(idx), g.nb, idx.device) < p.p_neighbour * s
+    coin = rand(len(idx), g.nb, idx.device) < p.probabilistic.p_neighbour * s
     other = torch.where(coin, v.pick_neighbour(idx, g.nb), idx)
     return Batch(v.view(idx, g.v1, 1), v.view(other, g.v2, 2),
                  neighbour_use=(other != idx).float().mean(), pairs=_real(idx, other))
@@ -97,7 +98,7 @@ def _weighted(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -
     """Each view's target mixes in a random neighbour's, with weight w (times the ramp s)."""
     v1, v2 = v.view(idx, g.v1, 1), v.view(idx, g.v2, 2)
     nb = v.pick_neighbour(idx, g.nb)
-    w = p.pos_weight * s
+    w = p.weighted.pos_weight * s
     return Batch(v1, v2, (v.view(nb, g.nb, 1),), (v.view(nb, g.nb, 2),), (1.0 - w, w),
                  neighbour_use=w * (nb != idx).float().mean(),
                  pairs=_real(idx, nb) if w > 0 else None)
@@ -109,32 +110,31 @@ def _topk(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Ba
     k - 1 nearest neighbours. k = 1 is the baseline; during a warm-up (s < 1) the
     neighbours' share grows from 0 to (k - 1) / k."""
     v1, v2 = v.view(idx, g.v1, 1), v.view(idx, g.v2, 2)
-    m = p.k - 1
+    m = p.topk.k - 1
     if m == 0:
         return Batch(v1, v2)
     nbs = v.neighbours.lookup(idx)[:, :m]  # (B, k - 1), nearest first
     n1 = tuple(v.view(nbs[:, j], g.nb, 1) for j in range(m))
     n2 = tuple(v.view(nbs[:, j], g.nb, 2) for j in range(m))
-    own = 1.0 / p.k + (1.0 - s) * m / p.k
+    own = 1.0 / p.topk.k + (1.0 - s) * m / p.topk.k
     anchors = idx.repeat_interleave(m)
-    return Batch(v1, v2, n1, n2, (own,) + (s / p.k,) * m,
+    return Batch(v1, v2, n1, n2, (own,) + (s / p.topk.k,) * m,
                  neighbour_use=(1.0 - own) * (nbs != idx[:, None]).float().mean(),
                  pairs=_real(anchors, nbs.reshape(-1)))
 
 
 @dataclass(frozen=True)
 class Use:
-    """One registered variant: its batch builder and whether it reads a neighbours file."""
+    """One registered use: its batch builder and whether it needs neighbours."""
 
     make_batch: Callable[[Views, torch.Tensor, Streams, Any, float], Batch]
     needs_neighbours: bool
     paper: str
 
 
-VARIANTS: dict[str, Use] = {
+USES: dict[str, Use] = {
     "baseline": Use(_baseline, False, "Grill et al. 2020 (BYOL)"),
     "probabilistic": Use(_probabilistic, True, "naive neighbour positives"),
     "weighted": Use(_weighted, True, "neighbour-mixed targets"),
     "topk": Use(_topk, True, "Koohpayegani et al. 2021 (MSF)"),
 }
-NEEDS_NEIGHBOURS = {name for name, use in VARIANTS.items() if use.needs_neighbours}

@@ -1,15 +1,15 @@
-"""Neighbour sources for BYOL (a registry): where each step's neighbours come from.
+"""Neighbour sources (a registry): where each training step's neighbours come from.
 
 A source answers ``lookup(idx)``, a (B, k) table of training rows nearest first, and sees
 every step's target projections through ``observe``. Rows that a filter rejected, or that a
 source cannot answer yet, hold the anchor itself: a self pair, which every use treats as
-plain BYOL (AdaSim's fallback when the space is poor).
+the method's baseline (AdaSim's fallback when the space is poor).
 
 * ``latent``: offline, a table mined once in a latent space (auto-decoder, AE or VAE).
-* ``refresh``: offline, a table mined in the features of the previous round's BYOL encoder
-  (the DAG builds it: embed -> neighbours -> BYOL; ``byol.refresh_rounds``).
-* ``online``: a FIFO queue of the target projections of previous steps, searched every step
-  on the training device (as NNCLR's support set and MSF's memory bank).
+* ``refresh``: offline, a table mined in the features of the previous round's encoder
+  (the DAG builds it: embed -> neighbours -> train; ``train.refresh_rounds``).
+* ``queue``: a FIFO queue of the (target) projections of previous steps, searched every
+  step on the training device (as NNCLR's support set and MSF's memory bank).
 
 Label-free filters: mutual nearest neighbours, and a distance quantile.
 """
@@ -26,7 +26,7 @@ from pipeline import PipelineError
 
 
 @dataclass
-class OnlineParams:
+class QueueParams:
     queue_size: int = 4096
     k: int = 5
 
@@ -89,7 +89,7 @@ class QueueSource:
     current targets: the queue only holds what earlier steps observed.
     """
 
-    def __init__(self, n: int, dim: int, p: OnlineParams, quantile: float,
+    def __init__(self, n: int, dim: int, p: QueueParams, quantile: float,
                  device: torch.device):
         self.k, self.quantile = p.k, quantile
         self.bank = torch.zeros(n, dim, device=device)
@@ -130,19 +130,19 @@ class QueueSource:
         self.ptr = int(state["ptr"])
 
 
-def check_online(p: OnlineParams, batch: int, n: int | None, topk: int | None) -> None:
+def check_queue(p: QueueParams, batch: int, n: int | None, topk: int | None) -> None:
     """The queue's size against the batch and the data (``n`` training images, when known),
     and k against the queue, before any training."""
     if p.queue_size < batch:
-        raise PipelineError(f"config key 'byol.online.queue_size': {p.queue_size} is smaller "
+        raise PipelineError(f"config key 'train.queue.queue_size': {p.queue_size} is smaller "
                             f"than the batch ({batch}); the queue must hold at least one "
                             "batch of earlier targets")
     if n is not None and p.queue_size > n:
-        raise PipelineError(f"config key 'byol.online.queue_size': {p.queue_size} is larger "
+        raise PipelineError(f"config key 'train.queue.queue_size': {p.queue_size} is larger "
                             f"than the {n} training images; lower it")
     if p.k >= p.queue_size:
-        raise PipelineError(f"config key 'byol.online.k': {p.k} needs a queue of more than "
-                            f"{p.k} targets, but byol.online.queue_size is {p.queue_size}")
+        raise PipelineError(f"config key 'train.queue.k': {p.k} needs a queue of more than "
+                            f"{p.k} targets, but train.queue.queue_size is {p.queue_size}")
     if topk is not None and topk - 1 > p.k:
-        raise PipelineError(f"config key 'byol.topk.k': {topk} needs {topk - 1} neighbours "
-                            f"per image, but byol.online.k is {p.k}; raise it or lower topk.k")
+        raise PipelineError(f"config key 'train.topk.k': {topk} needs {topk - 1} neighbours "
+                            f"per image, but train.queue.k is {p.k}; raise it or lower topk.k")

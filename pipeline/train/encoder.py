@@ -1,4 +1,4 @@
-"""BYOL encoder checkpoints: the untrained control, loading, and frozen features."""
+"""Encoder checkpoints of every method: the untrained control, loading, frozen features."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from torch import nn
 from pipeline import PipelineError
 from pipeline.augment import normalise, to_float
 from pipeline.backbones import build_backbone, resolve_backbone
-from pipeline.byol_model import init_models
-from pipeline.io import TRAINING_SPLITS, Prepared, atomic_path, load_prepared, provenance
+from pipeline.io import TRAINING_SPLITS, Prepared, load_prepared, provenance, save_checkpoint
 
-log = logging.getLogger("pipeline.byol")
+log = logging.getLogger("pipeline.train")
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -45,35 +44,31 @@ def encoder_header(backbone: str, images: np.ndarray, params: dict, seed: int) -
             "params": params, "seed": int(seed), "provenance": provenance()}
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def write_untrained(backbone: str, seed: int, data: Path, out: Path) -> None:
+    """Write the seeded random initialisation of the encoder: the control row.
 
-
-def write_untrained(backbone: str, proj_hidden: int, proj_dim: int, seed: int, data: Path,
-                    out: Path) -> None:
-    """Write the seeded random initialisation of the BYOL encoder: the control row.
-
-    The draw is the one a BYOL run with the same seed and architecture starts from.
+    The draw is the one every method's run with the same seed and backbone starts from
+    (:func:`pipeline.train.methods.init_encoder`).
 
     Args:
-        backbone: ``byol.backbone`` (``auto`` resolved by the image side).
-        proj_hidden, proj_dim: head sizes (they share the seeded draw with the encoder).
+        backbone: ``train.backbone`` (``auto`` resolved by the image side).
         seed: the run's seed.
         data: prepared ``data.npz``; its training images fix channels, size and statistics.
         out: ``encoder.pt`` to write.
     """
+    from pipeline.train.methods import init_encoder
+
     train = load_prepared(data).subset(*TRAINING_SPLITS)
     if len(train.images) == 0:
         raise PipelineError(f"{data}: no training images for the untrained encoder")
     _, size, width, channels = train.images.shape
     backbone = resolve_backbone(backbone, min(size, width))
-    online, _ = init_models(backbone, proj_hidden, proj_dim, seed, channels, size)
-    params = {"backbone": backbone, "proj_dim": proj_dim, "proj_hidden": proj_hidden}
+    encoder = init_encoder(backbone, seed, channels, size)
     summary = {"epochs": 0, "train_seconds": 0.0, "device": "none", "backbone": backbone,
-               "variant": "untrained", "collapsed": False}
-    save_atomic({**encoder_header(backbone, train.images, params, seed), "variant": "untrained",
-                 "encoder": online.encoder.state_dict(), "summary": summary}, Path(out))
+               "collapsed": False}
+    save_checkpoint({**encoder_header(backbone, train.images, {"backbone": backbone}, seed),
+                     "columns": {"stage": "untrained"}, "encoder": encoder.state_dict(),
+                     "summary": summary}, Path(out))
     log.info("wrote untrained %s encoder to %s", backbone, out)
 
 
@@ -95,13 +90,14 @@ def encode_images(
     """Frozen features of uint8 images (N, H, W, C), and the run's flat summary.
 
     Args:
-        path: ``encoder.pt`` written by ``train_byol`` or :func:`write_untrained`.
+        path: ``encoder.pt`` written by ``pipeline.train.train`` or :func:`write_untrained`.
         images: uint8 (N, H, W, C); must match the checkpoint's channels and size.
         device: where to run the encoder.
 
     Returns:
         features (N, D) float32 (encoder output, no projector, no augmentation) and a dict of
-        scalars/strings (epochs, train_seconds, device, final_loss, backbone, variant, ...).
+        scalars/strings (the run's columns: stage, method, variant, source, ...; epochs,
+        train_seconds, device, final_loss, backbone, ...).
     """
     from pipeline.device import LAYOUT, resolve_device
 
@@ -120,7 +116,7 @@ def encode_images(
         out.append(encoder(x).float().cpu())
     feats = torch.cat(out).numpy() if out else np.zeros((0, encoder.out_dim), np.float32)
     summary = {k: v for k, v in ck["summary"].items() if isinstance(v, (int, float, str, bool))}
-    summary.update(backbone=ck["backbone"], variant=ck["variant"])
+    summary.update(backbone=ck["backbone"], **ck["columns"])
     return feats.astype(np.float32), summary
 
 

@@ -1,0 +1,38 @@
+"""The method registry: each self-supervised method is one module here plus one entry below.
+
+A method is an ``nn.Module`` built as ``cls(encoder, proj_hidden, proj_dim, **own_keys)``
+(``own_keys``: its section of the config, e.g. ``byol.tau_base``) with ``encoder`` (the
+exported network), ``trainable()`` (the module the optimiser updates),
+``loss(v1, v2, idx, g, ...) -> StepOut`` and ``after_step(out, idx, step, total)``; its
+state (a target network, a queue) lives in its ``state_dict``. The neighbour uses each
+method takes are ``pipeline.train.grid.METHOD_USES`` (torch-free, read at parse time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.backbones import build_backbone
+from pipeline.train.methods.byol import BYOL
+from pipeline.train.methods.nnclr import NNCLR
+from pipeline.train.methods.simclr import SimCLR
+
+METHODS: dict[str, type[nn.Module]] = {"byol": BYOL, "simclr": SimCLR, "nnclr": NNCLR}
+PAPERS = {"byol": "Grill et al. 2020", "simclr": "Chen et al. 2020",
+          "nnclr": "Dwibedi et al. 2021"}
+
+
+def init_encoder(backbone: str, seed: int, in_channels: int, size: int) -> nn.Module:
+    """The seeded encoder every method starts from; the untrained control is this draw."""
+    torch.manual_seed(seed)
+    return build_backbone(backbone, in_channels, size)
+
+
+def build_method(name: str, encoder: nn.Module, proj_hidden: int, proj_dim: int,
+                 own: Any) -> nn.Module:
+    """Method ``name`` around ``encoder``, with its own keys (a dataclass) as arguments."""
+    return METHODS[name](encoder, proj_hidden, proj_dim, **asdict(own))
