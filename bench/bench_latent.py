@@ -26,12 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.latent_models import (  # noqa: E402
-    LATENT_MODELS,
-    RidgeStart,
-    build_model,
-    to_model_input,
-)
+from pipeline.augment import to_float  # noqa: E402
+from pipeline.latent_models import LATENT_MODELS, RidgeStart, build_model  # noqa: E402
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -47,7 +43,7 @@ def train_rate(model: str, shape: tuple[int, int, int], layout: torch.memory_for
     index = torch.arange(args.batch_size)
 
     def step() -> None:
-        loss, _ = net.loss(to_model_input(images).contiguous(memory_format=layout), index)
+        loss, _ = net.loss(to_float(images).contiguous(memory_format=layout), index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -80,7 +76,7 @@ def inference_cost(args: argparse.Namespace) -> None:
                      work / "l.png", work / "r.png", "cpu")
         net, state = load_checkpoint(work / "ad.pt", torch.device("cpu"))
     epoch = min(h["seconds"] for h in state["history"])
-    x = to_model_input(torch.from_numpy(data.images[data.split == "test"]))
+    x = to_float(torch.from_numpy(data.images[data.split == "test"]))
     position = {int(i): r for r, i in enumerate(state["train_ids"].tolist())}
     train = torch.from_numpy(data.images[[int(i) in position for i in data.ids]])
     codes = net.codes.weight.detach()[[position[int(i)] for i in data.ids

@@ -19,8 +19,8 @@ the same batch size, epochs, projector/predictor sizes and seed:
   image) in DataLoader workers, ``BYOLProjectionHead``/``BYOLPredictionHead``,
   ``NegativeCosineSimilarity``, ``update_momentum`` with ``cosine_schedule``, SGD lr 0.06 as in
   lightly's example; crop scale, flips and normalisation set as ours for this data set.
-* ``ours``: ``pipeline.train.loop.train_byol``, variant baseline, with the config this data set gets
-  (the schema defaults, or the digits preset).
+* ``ours``: ``pipeline.train.loop.train`` of the ``byol-baseline`` run, with the config this
+  data set gets (the schema defaults, or the digits preset).
 
 Every ``--probe-every`` epochs both encoders are probed with the pipeline's linear probe
 (``pipeline.evaluate.linear_probe`` on frozen, unaugmented features of the prepared
@@ -99,14 +99,15 @@ class Prober:
 
 def our_params(digits: bool, epochs: int, batch: int | None, backbone: str,
                precision: str = "auto"):
-    """Our BYOL params, as the pipeline resolves them: the digits preset for digits, the
-    schema defaults for any other data set; ``precision`` is ``byol.precision``."""
-    from pipeline.train.loop import ByolParams
-    from pipeline.config import build, byol_params, resolve_config
+    """Our BYOL baseline's params, as the pipeline resolves them: the digits preset for
+    digits, the schema defaults for any other data set; ``precision`` is ``train.precision``."""
+    from pipeline.config import build, resolve_config
+    from pipeline.train.grid import Run, train_params
+    from pipeline.train.params import TrainParams
 
-    cfg = resolve_config({"byol": {"precision": precision},
+    cfg = resolve_config({"train": {"precision": precision},
                           **({} if digits else {"preset": "none"})})
-    p = build(ByolParams, byol_params(cfg, "baseline"))
+    p = build(TrainParams, train_params(cfg, Run("byol")))
     p.epochs, p.backbone, p.checkpoint_every = epochs, backbone, epochs
     p.batch_size = batch or p.batch_size
     return p
@@ -116,7 +117,8 @@ def run_ours(data_path: Path, params, seed: int, prober: Prober, probe_every: in
              workdir: Path) -> dict:
     import csv
 
-    from pipeline.train.loop import train_byol
+    from pipeline.train.grid import Run
+    from pipeline.train.loop import train
 
     probes = {}
 
@@ -126,8 +128,8 @@ def run_ours(data_path: Path, params, seed: int, prober: Prober, probe_every: in
 
     d = workdir / "ours"
     start = time.perf_counter()
-    train_byol(params, "baseline", seed, data_path, None, d / "encoder.pt", d / "state.pt",
-               d / "history.csv", d / "loss.png", "cpu", on_epoch=on_epoch)
+    train(params, Run("byol"), seed, data_path, None, d / "encoder.pt", d / "state.pt",
+          d / "history.csv", d / "loss.png", "cpu", on_epoch=on_epoch)
     wall = time.perf_counter() - start
     with open(d / "history.csv") as fh:
         seconds = np.cumsum([float(r["seconds"]) for r in csv.DictReader(fh)])
@@ -233,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: what the pipeline uses for this data set")
     ap.add_argument("--backbone", default="auto")
     ap.add_argument("--precision", default="auto",
-                    choices=field_schema("byol", "precision")[1]["enum"],
-                    help="byol.precision of our arm (lightly's runs in fp32)")
+                    choices=field_schema("train", "precision")[1]["enum"],
+                    help="train.precision of our arm (lightly's runs in fp32)")
     ap.add_argument("--probe-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="lightly's DataLoader workers")
@@ -246,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from pipeline.backbones import build_backbone, resolve_backbone
-    from pipeline.train.encoder import channel_stats
     from pipeline.io import save_prepared
+    from pipeline.train.encoder import channel_stats
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

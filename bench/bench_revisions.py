@@ -2,17 +2,20 @@
 
     .venv/bin/python bench/bench_revisions.py --revisions 164f983 WORKTREE --n 10000 --size 28
     .venv/bin/python bench/bench_revisions.py --revisions HEAD~5 HEAD --stages latent-ae byol
+    .venv/bin/python bench/bench_revisions.py --revisions HEAD WORKTREE --stages byol simclr
 
 Each revision's ``pipeline/`` and ``workflow/`` are exported (``git archive``; ``WORKTREE``
 is the working tree as it is) into a temporary folder, and every stage runs there in a fresh
 process with that package first on ``sys.path``: ``train_latent`` of a latent model
-(``latent-<model>``) or ``train_byol`` of the baseline (``byol``), each with its dataclass
-defaults (what a user of that revision got) except for the epochs. All revisions read one
-prepared data set: the 8x8 scikit-learn digits upscaled to ``--size`` px and repeated with
-random shifts up to ``--n`` training images. Printed: training images/s (the median epoch
-after the first, from the stage's own per-epoch seconds), per stage and revision, and the
-ratio to the first revision. Revisions alternate within each repeat, so a noisy machine
-hits all alike.
+(``latent-<model>``), or the baseline run of a training method (``byol``, ``simclr``,
+``nnclr``): ``pipeline.train.loop.train`` in a revision that has it, ``train_byol`` of
+``pipeline.byol`` in one from before the method seam (BYOL only). Each stage takes its
+dataclass defaults (what a user of that revision got) except for the epochs. All revisions
+read one prepared data set: the 8x8 scikit-learn digits upscaled to ``--size`` px and
+repeated with random shifts up to ``--n`` training images. Printed: training images/s (the
+median epoch after the first, from the stage's own per-epoch seconds), per stage and
+revision, and the ratio to the first revision. Revisions alternate within each repeat, so a
+noisy machine hits all alike.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ WORKTREE = "WORKTREE"
 # What a stage imports or reads at run time: the package, and the schema and presets it
 # validates params against.
 PARTS = ("pipeline", "workflow")
+# Training stages: each method's baseline (a revision from before the method seam has byol).
+METHODS = ("byol", "simclr", "nnclr")
 
 
 def make_data(n: int, size: int, path: Path, seed: int = 0) -> None:
@@ -85,13 +90,36 @@ def export(revision: str, dest: Path) -> Path:
     return dest
 
 
-def worker(stage: str, data: Path, epochs: int, work: Path) -> list[float]:
-    """Run one stage with the ``pipeline`` first on sys.path; per-epoch seconds."""
-    if stage == "byol":
+def train_baseline(root: Path, method: str, epochs: int, data: Path, work: Path) -> None:
+    """Train ``method``'s baseline with the package under ``root``, whichever API it has:
+    ``pipeline.train.loop.train`` (every method) or, before the method seam, BYOL's own
+    ``pipeline.byol.train_byol``. Chosen by the files, so that a revision whose package
+    fails to import says why instead of passing for an older one."""
+    outputs = (data, None, work / "enc.pt", work / "state.pt", work / "history.csv",
+               work / "loss.png", "cpu")
+    if (root / "pipeline" / "train" / "loop.py").is_file():
+        from pipeline.train.grid import Run
+        from pipeline.train.loop import train
+        from pipeline.train.params import TrainParams
+
+        train(TrainParams(epochs=epochs), Run(method), 0, *outputs)
+    elif (root / "pipeline" / "byol.py").is_file():
+        if method != "byol":
+            raise SystemExit(f"error: this revision trains BYOL only (pipeline/byol.py), "
+                             f"not {method}")
         from pipeline.byol import ByolParams, train_byol
 
-        train_byol(ByolParams(epochs=epochs), "baseline", 0, data, None, work / "enc.pt",
-                   work / "state.pt", work / "history.csv", work / "loss.png", "cpu")
+        train_byol(ByolParams(epochs=epochs), "baseline", 0, *outputs)
+    else:
+        raise SystemExit("error: this revision has neither pipeline/train/loop.py nor "
+                         "pipeline/byol.py")
+
+
+def worker(stage: str, root: Path, data: Path, epochs: int, work: Path) -> list[float]:
+    """Run one stage with the ``pipeline`` under ``root`` first on sys.path; per-epoch
+    seconds."""
+    if stage in METHODS:
+        train_baseline(root, stage, epochs, data, work)
         curve = work / "history.csv"
     else:
         from pipeline.latent import LatentParams, train_latent
@@ -125,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revisions", nargs="+", default=["HEAD", WORKTREE],
                     help=f"git revisions, or {WORKTREE} for the working tree")
     ap.add_argument("--stages", nargs="+", default=["latent-ae", "latent-vae",
-                                                    "latent-autodecoder", "byol"])
+                                                    "latent-autodecoder", "byol"],
+                    help="latent-<model> and/or a training method's baseline: "
+                         f"{', '.join(METHODS)} (before the method seam: byol only)")
     ap.add_argument("--n", type=int, default=10000, help="training images")
     ap.add_argument("--size", type=int, default=28, help="image side in pixels")
     ap.add_argument("--epochs", type=int, default=3)
@@ -136,12 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for stage in args.stages:
+        if stage not in METHODS and not stage.startswith("latent-"):
+            ap.error(f"--stages: unknown stage {stage!r}; use latent-<model> or one of "
+                     f"{', '.join(METHODS)}")
     if args.worker:
         sys.path.insert(0, str(args.root))
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker, args.data, args.epochs, args.workdir)))
+        print(json.dumps(worker(args.worker, args.root, args.data, args.epochs,
+                                args.workdir)))
         return 0
     import torch
 

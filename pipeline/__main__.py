@@ -11,7 +11,7 @@ from pipeline import PipelineError
 
 
 def _params(cls, text: str):
-    from pipeline.config import build
+    from pipeline.schema import build
 
     try:
         flat = json.loads(text)
@@ -115,6 +115,12 @@ def _experiment_dir(a):
     print(f"results/{experiment_tag(config, [a.config])}")
 
 
+def _config_docs(a):
+    from pipeline.configdocs import write_config_docs
+
+    write_config_docs(a.out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS")
@@ -134,6 +140,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = stage("experiment-dir", _experiment_dir)
     s.add_argument("config", type=Path, help="the config file, as given to --configfile")
+
+    s = stage("config-docs", _config_docs)
+    s.add_argument("--out", type=Path, required=True,
+                   help="the configuration reference to write (docs/configuration.md)")
 
     s = stage("prepare", _prepare, params=True)
     s.add_argument("--out", type=Path, required=True)

@@ -169,28 +169,34 @@ def add_purity(df: pd.DataFrame, purity: pd.DataFrame) -> pd.DataFrame:
     """
     lookup = {(r.space, r.metric): (r.purity_at_1, r.purity_at_k)
               for r in purity.itertuples(index=False)}
+    # Only runs that trained on the latent space's own table: a refresh round mined another
+    # encoder's features (its purity is in its history), the queue its own projections.
+    mined = [src == "latent" for src in df["source"]]
     df = df.copy()
     for col, i in (("purity_at_1", 0), ("purity_at_k", 1)):
         df[col] = pd.to_numeric(
-            [lookup.get((lat, met), (None, None))[i] if isinstance(met, str) and met else None
-             for lat, met in zip(df["latent"], df["metric"], strict=True)], errors="coerce")
+            [lookup.get((lat, met), (None, None))[i] if ok else None
+             for ok, lat, met in zip(mined, df["latent"], df["metric"], strict=True)],
+            errors="coerce")
     return df
 
 
 def add_neighbour_flags(df: pd.DataFrame, purity: pd.DataFrame) -> pd.DataFrame:
     """Copy the neighbours stage's quality gate (``flagged``, ``flag_reason`` of the purity
-    table) into ``neighbour_flag`` / ``neighbour_flag_reason``: a BYOL row takes its
-    (latent, metric)'s, a latent row its flags under every metric (reasons prefixed with the
-    metric). Other rows, and tables without the gate's columns, are left empty."""
+    table) into ``neighbour_flag`` / ``neighbour_flag_reason``: a run trained on a latent
+    space's table takes its (latent, metric)'s, a latent row its flags under every metric
+    (reasons prefixed with the metric). Other rows, and tables without the gate's columns,
+    are left empty."""
     if not {"flagged", "flag_reason"} <= set(purity.columns):
         return df
     gate = {(r.space, r.metric): (str(r.flagged).lower() == "true", r.flag_reason)
             for r in purity.itertuples(index=False) if r.space != "pixels"}
     flags, reasons = [], []
-    for stage, lat, met in zip(df["stage"], df["latent"], df["metric"], strict=True):
+    for stage, src, lat, met in zip(df["stage"], df["source"], df["latent"], df["metric"],
+                                    strict=True):
         if not isinstance(lat, str) or not lat:
             hits = None
-        elif isinstance(met, str) and met:
+        elif src == "latent":
             hits = [gate[(lat, met)]] if (lat, met) in gate else None
         elif stage == "latent":
             hits = [(f, f"{m}: {why}" if f else "") for (sp, m), (f, why) in gate.items()

@@ -1,4 +1,4 @@
-"""Batched per-sample image augmentations (BYOL views) on the data's device, from a generator."""
+"""Batched per-sample image augmentations (every method's two views) on the data's device."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def solarize(x: torch.Tensor, prob: float, g: torch.Generator, threshold: float 
 
 
 def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator) -> torch.Tensor:
-    """One BYOL view of every image: crop+flip, colour jitter, grey, blur, solarise.
+    """One view of every image: crop+flip, colour jitter, grey, blur, solarise.
 
     Every random choice is per sample and drawn from ``g`` (see :func:`rand`), so the same
     generator state gives the same views. Steps whose probability is zero draw

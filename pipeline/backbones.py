@@ -1,4 +1,4 @@
-"""Encoders for BYOL by name: a small conv net for tiny images, ResNets (no pretrained weights)."""
+"""Encoders by name: a small conv net for tiny images, ResNets (no pretrained weights)."""
 
 from __future__ import annotations
 

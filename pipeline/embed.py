@@ -1,4 +1,4 @@
-"""Embed stage: a BYOL encoder's frozen features of images, in the latents.parquet schema."""
+"""Embed stage: a trained encoder's frozen features of images, in the latents.parquet schema."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ def read_folder(root: str | Path, size: int, channels: int) -> tuple[np.ndarray,
 
 def embed_images(encoder: str | Path, images: np.ndarray | str | Path,
                  device: str = "auto") -> np.ndarray:
-    """Features of your own images with any ``encoder.pt`` (the BYOL encoder, no projector).
+    """Features of your own images with any ``encoder.pt`` (any method's encoder, no projector).
 
     Args:
-        encoder: an ``encoder.pt`` from ``results/<tag>/byol/<run>/seed<N>/``.
+        encoder: an ``encoder.pt`` from ``results/<tag>/train/<run>/seed<N>/``.
         images: uint8 (N, H, W, C) or (N, H, W) at the encoder's size and channels, or a
             folder of image files (read recursively, sorted by path, converted and resized).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
@@ -74,7 +74,7 @@ def embed_images(encoder: str | Path, images: np.ndarray | str | Path,
 def embed(encoder: Path, data: Path, out: Path, run: str, dataset: str, device: str) -> None:
     """Write ``features.parquet``: the encoder's features of every prepared image, one row per
     image (id, split, label, latent), with the metadata of ``latents.parquet`` (model = the
-    BYOL run), so that whatever reads a latent space reads these features too."""
+    training run), so that whatever reads a latent space reads these features too."""
     start = time.time()
     prepared = load_prepared(data)
     feats, summary = encode_images(encoder, prepared.images, device)

@@ -72,7 +72,7 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
     lows = summary["top1_mean"].min(), summary[f"{knn[0]}_mean"].min() if knn else 1.0
     ax.set_xlim(max(0.0, float(np.nanmin(lows)) - 0.05), 1.01)
     ax.set_title(f"{dataset_names(summary)}: accuracy per representation\n"
-                 "grey: raw pixels, blue: latent spaces, orange: BYOL encoders", fontsize=9)
+                 "grey: raw pixels, blue: latent spaces, other colours: methods", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()),
               ncol=2, frameon=False)
     ax.grid(axis="x", alpha=0.3)
@@ -278,7 +278,7 @@ def per_class_chart(evals: list[str | Path], summary: pd.DataFrame, classes: lis
 def embedding_map(evals: list[str | Path], summary: pd.DataFrame, labels: np.ndarray,
                   classes: list[str], path: str | Path) -> None:
     """2-D PCA (of L2-normalised features, fit on the training images) of the test images in
-    each latent space and in the BYOL encoders (baseline and the best neighbour
+    each latent space and in the trained encoders (each method's baseline and the best neighbour
     configuration, first seed), coloured by label."""
     df = _evals(evals)
     order = [r for r in df["run"].unique() if r.startswith("latent-")]
@@ -341,5 +341,5 @@ def report_figures(
     train_histories(histories, curves)
     per_class_chart(evals, s, list(prepared.classes), per_class)
     embedding_map(evals, s, prepared.labels, list(prepared.classes), embeddings)
-    print(f"figures: {len(s)} configurations, {len(histories)} BYOL histories, "
+    print(f"figures: {len(s)} configurations, {len(histories)} training histories, "
           f"best neighbour configuration {best_run(s)}", flush=True)

@@ -18,8 +18,8 @@ from pipeline.prepare import check_data
 
 pytestmark = pytest.mark.slow
 
-ENCODER = "results/synthetic/byol/baseline/seed0/encoder.pt"
-BYOL_LOG = "results/synthetic/logs/byol/baseline-seed0.log"
+ENCODER = "results/synthetic/train/byol-baseline/seed0/encoder.pt"
+TRAIN_LOG = "results/synthetic/logs/train/byol-baseline-seed0.log"
 
 
 def test_checkout_path_with_space_and_command_runs_quoted_in_strict_mode(tmp_path):
@@ -135,10 +135,10 @@ def wait_for(path, text, timeout=120.0):
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
-def test_interrupted_snakemake_does_not_train_a_finished_byol_again(tmp_path, how):
+def test_interrupted_snakemake_does_not_train_a_finished_run_again(tmp_path, how):
     # One step per epoch: a few seconds of training, long enough to interrupt.
-    wf = Workflow(tmp_path, tiny_config(byol={"epochs": 60}))
-    log = tmp_path / BYOL_LOG
+    wf = Workflow(tmp_path, tiny_config(train={"epochs": 60}))
+    log = tmp_path / TRAIN_LOG
     proc = subprocess.Popen([SNAKEMAKE, "--cores", "2", ENCODER], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -155,7 +155,7 @@ def test_interrupted_snakemake_does_not_train_a_finished_byol_again(tmp_path, ho
     wf.run("--rerun-incomplete", ENCODER)
     text = log.read_text()
     assert "training already finished" in text and "epoch 1/" not in text, text
-    assert len(pd.read_csv(tmp_path / "results/synthetic/byol/baseline/seed0/history.csv")) == 60
+    assert len(pd.read_csv(tmp_path / ENCODER.replace("encoder.pt", "history.csv"))) == 60
     if how == "SIGINT":  # the rewritten outputs count as up to date (no mtime loop)
         assert wf.planned(ENCODER) == {}
     assert os.path.samefile(tmp_path / ENCODER, tmp_path / ENCODER.replace("encoder", "state"))

@@ -41,11 +41,23 @@ def test_bench_byol_throughput_smoke(capsys, one_thread):
                               "--precisions", "fp32", "bf16"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("smallconv:8:1")]
-    assert [(r[1], r[2], r[3]) for r in rows] == [
-        (layout, precision, "eager") for layout in ("channels_last", "contiguous")
+    assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
+        (layout, precision, "eager", "byol") for layout in ("channels_last", "contiguous")
         for precision in ("fp32", "bf16")]
-    assert all(float(v) > 0 for r in rows for v in r[4:])
+    assert all(float(v) > 0 for r in rows for v in r[5:])
     assert rows[0][-1] == "1.00"  # each row's e2e against the first one's
+
+
+def test_bench_byol_puts_methods_side_by_side(capsys, one_thread):
+    _load("bench_byol").main(["--device", "cpu", "--batch-size", "8", "--steps", "1",
+                              "--warmup", "1", "--workers", "0", "--cases", "smallconv:8:1",
+                              "--precisions", "fp32", "--methods", "byol", "simclr", "nnclr"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("smallconv:8:1")]
+    assert [r[4] for r in rows] == ["byol", "simclr", "nnclr"]
+    assert all(float(v) > 0 for r in rows for v in r[5:])
+    # SimCLR's step has no target network and no predictor: fewer FLOPs than BYOL's
+    assert float(rows[1][7]) / float(rows[1][6]) < float(rows[0][7]) / float(rows[0][6])
 
 
 def test_bench_latent_smoke(capsys, one_thread):
@@ -78,42 +90,107 @@ def test_bench_byol_placements_smoke(capsys):
 @pytest.mark.slow
 def test_bench_byol_accuracy_smoke(capsys, one_thread):
     _load("bench_byol").main(["--device", "cpu", "--accuracy", "--epochs", "1",
-                              "--max-train", "120", "--params",
-                              '{"batch_size": 32, "warmup_epochs": 0}'])
+                              "--max-train", "120", "--methods", "byol", "simclr", "nnclr",
+                              "--params", '{"batch_size": 32, "warmup_epochs": 0}'])
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[2]) for line in out.splitlines()
             if line.startswith("  ")}
-    assert set(rows) == {"untrained", "baseline", "probabilistic", "weighted", "topk"}
+    # every use each method takes (pipeline.train.grid.METHOD_USES), and the control
+    assert list(rows) == ["untrained", "byol-baseline", "byol-probabilistic", "byol-weighted",
+                          "byol-topk", "simclr-baseline", "simclr-probabilistic",
+                          "nnclr-baseline"]
     assert all(0 < v <= 1 for v in rows.values())
 
 
-def test_bench_neighbours_reads_an_experiments_tables(tmp_path, capsys):
+def _experiment(root, runs):
+    """A finished experiment's tables under ``root``: per-seed rows of ``runs`` ((run,
+    columns, top1 per seed, purity)), summarised by the pipeline's own aggregate, and one
+    Snakemake benchmark file per training job."""
     import pandas as pd
 
-    results = tmp_path / "results" / "mine"
-    results.mkdir(parents=True)
-    cfg = tmp_path / "mine.yaml"
-    cfg.write_text("dataset: {name: digits}\n")  # the tag is the config file's stem
-    byol = {"dataset": "digits", "stage": "byol", "n_seeds": 3, "top1_std": 0.01,
-            "knn20_top1_mean": 0.5, "knn20_top1_std": 0.02}
-    pd.DataFrame([
-        {**byol, "run": "byol-baseline", "latent": None, "top1_mean": 0.6},
-        {**byol, "run": "byol-topk-ae-cosine-r2", "latent": "ae-r2", "top1_mean": 0.62,
-         "top1_diff": 0.02, "top1_diff_ci95_low": -0.01, "top1_diff_ci95_high": 0.05},
-        {"dataset": "digits", "run": "pixels", "stage": "pixels", "top1_mean": 0.4},
-    ]).to_csv(results / "summary.csv", index=False)
-    pd.DataFrame([{"run": r, "stage": "byol", "seed": s, "train_seconds": 10.0 * (s + 1),
-                   "neighbour_purity": p}
-                  for r, p in (("byol-baseline", ""), ("byol-topk-ae-cosine-r2", 0.8))
-                  for s in range(3)]).to_csv(results / "linear_eval.csv", index=False)
-    assert _load("bench_neighbours").main(["--configfile", str(cfg), "--root",
-                                           str(tmp_path)]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
-            if line.startswith(("baseline", "topk"))}
-    assert set(rows) == {"baseline", "topk-ae-cosine-r2"}
-    assert "0.620 +- 0.010" in rows["topk-ae-cosine-r2"]
-    assert "+0.020 [-0.010, +0.050]" in rows["topk-ae-cosine-r2"]
-    assert rows["topk-ae-cosine-r2"].split()[-2:] == ["0.800", "20"]
+    from pipeline.aggregate import summarise
+
+    results = root / "results" / "mine"
+    (results / "benchmarks" / "train").mkdir(parents=True)
+    rows = []
+    for run, columns, top1, purity in runs:
+        for seed, acc in enumerate(top1):
+            rows.append({"dataset": "digits", "run": run, **columns, "seed": seed,
+                         "top1": acc, "knn20_top1": acc - 0.1, "knn200_top1": acc - 0.2,
+                         "neighbour_purity": purity, "train_seconds": 5.0})
+            if columns["stage"] not in ("pixels", "untrained"):
+                (results / "benchmarks" / "train" / f"{run}-seed{seed}.tsv").write_text(
+                    f"s\th:m:s\tmax_rss\n{10.0 * (seed + 1)}\t0:00:10\t100.0\n")
+    per_seed = pd.DataFrame(rows)
+    per_seed.to_csv(results / "linear_eval.csv", index=False)
+    summarise(per_seed).to_csv(results / "summary.csv", index=False)
+    return results
+
+
+def test_bench_neighbours_reads_an_experiment_with_every_method(tmp_path, capsys, monkeypatch):
+    from pipeline.train.grid import Run
+
+    def trained(run, top1, purity=""):
+        return run.name, {"stage": run.method, **run.columns()}, top1, purity
+
+    _experiment(tmp_path, [
+        ("pixels", {"stage": "pixels"}, [0.5, 0.5, 0.5], ""),
+        ("untrained", {"stage": "untrained"}, [0.4, 0.41, 0.42], ""),
+        trained(Run("nnclr"), [0.58, 0.59, 0.60]),
+        trained(Run("simclr", "probabilistic", "queue"), [0.64, 0.65, 0.66], 0.75),
+        trained(Run("simclr"), [0.62, 0.63, 0.64]),
+        trained(Run("byol", "probabilistic", "refresh", "ae", "cosine", 2), [0.61, 0.62, 0.66],
+                0.8),
+        trained(Run("byol"), [0.60, 0.61, 0.62]),
+    ])
+    cfg = tmp_path / "mine.yaml"  # the tag is the config file's stem
+    cfg.write_text("dataset: {name: digits}\n"
+                   "train: {methods: [byol, simclr, nnclr], uses: [baseline, probabilistic]}\n")
+    bench = _load("bench_neighbours")
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)))
+    assert bench.main(["--configfile", str(cfg), "--root", str(tmp_path), "--run"]) == 0
+    # --run builds the experiment with the workflow's own target, in the workflow's folder
+    [(cmd, kw)] = calls
+    assert cmd[-3:] == ["results/linear_eval.csv", "--configfile", str(cfg.resolve())]
+    assert kw["cwd"] == tmp_path
+    out = capsys.readouterr().out.splitlines()
+    # grouped by method (registry order), each method's baseline first; no reference rows
+    assert [line.split()[0] for line in out if line.startswith(("## ", "byol", "simclr",
+                                                                    "nnclr", "untrained"))] == [
+        "##", "untrained", "##", "byol-baseline", "byol-probabilistic-ae-cosine-r2", "##",
+        "simclr-baseline", "simclr-probabilistic-queue", "##", "nnclr-baseline"]
+    assert [line for line in out if line.startswith("## ")] == [
+        "## untrained (control)", "## byol", "## simclr", "## nnclr"]
+    rows = {line.split()[0]: line.split() for line in out
+            if line.startswith(("byol", "simclr", "nnclr", "untrained"))}
+    # run, source, versus: a neighbour run against its own method's baseline, another
+    # method's baseline against byol-baseline
+    assert {run: r[1:3] for run, r in rows.items()} == {
+        "untrained": ["-", "-"], "byol-baseline": ["-", "-"],
+        "byol-probabilistic-ae-cosine-r2": ["refresh", "byol-baseline"],
+        "simclr-baseline": ["-", "byol-baseline"],
+        "simclr-probabilistic-queue": ["queue", "simclr-baseline"],
+        "nnclr-baseline": ["-", "byol-baseline"]}
+    line = " ".join(rows["simclr-probabilistic-queue"])
+    assert "0.650 +- 0.010 +0.020 [+0.020, +0.020]" in line  # linear top-1, paired diff
+    assert "0.550 +- 0.010 +0.020 [+0.020, +0.020]" in line  # kNN-20 top-1, paired diff
+    assert " ".join(rows["nnclr-baseline"][4:8]) == "0.590 +- 0.010 -0.020"
+    # purity of the pairs used, and the training jobs' wall time (seeds: 10, 20, 30 s)
+    assert rows["byol-probabilistic-ae-cosine-r2"][-2:] == ["0.800", "20"]
+    assert rows["simclr-probabilistic-queue"][-2:] == ["0.750", "20"]
+    assert rows["untrained"][-1] == "-"  # no training job, no benchmark file
+    assert out[0].startswith("# DAG wall time: ")
+    assert out[1].startswith("# mine: 6 configurations, methods byol, simclr, nnclr;")
+    assert "kNN-20 top-1" in out[2]  # the smallest evaluate.knn_k
+
+
+def test_bench_neighbours_refuses_an_old_layout_config(tmp_path):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("byol: {variants: [baseline]}\n")
+    with pytest.raises(SystemExit, match=r"^error: config: the training keys moved from byol: "
+                                         r"to train:"):
+        _load("bench_neighbours").main(["--configfile", str(cfg), "--root", str(tmp_path)])
 
 
 LIGHTLY_TINY = ["--epochs", "2", "--probe-every", "1", "--threads", "1", "--workers", "0",

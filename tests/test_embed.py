@@ -1,4 +1,4 @@
-"""Embed stage: BYOL features in the latents schema, equal to what evaluation computes."""
+"""Embed stage: an encoder's features in the latents schema, equal to what evaluation computes."""
 
 import numpy as np
 import pytest
@@ -6,10 +6,10 @@ from PIL import Image
 
 from pipeline import PipelineError
 from pipeline.__main__ import main
-from pipeline.train.encoder import encode_checkpoint, write_untrained
 from pipeline.embed import embed_images
 from pipeline.io import load_prepared, read_latents
 from pipeline.prepare import PrepareParams, SyntheticParams, prepare
+from pipeline.train.encoder import encode_checkpoint, write_untrained
 
 
 @pytest.fixture
@@ -18,21 +18,21 @@ def encoder(tmp_path, one_thread):
     prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
         classes=3, per_class=8, size=12, channels=3)), data)
     out = tmp_path / "encoder.pt"
-    write_untrained("smallconv", 32, 16, 0, data, out)
+    write_untrained("smallconv", 0, data, out)
     return out, data
 
 
 def test_features_parquet_matches_the_evaluated_features(tmp_path, encoder):
     enc, data = encoder
     out = tmp_path / "features.parquet"
-    assert main(["embed", "--run", "byol-untrained", "--dataset", "syn", "--device", "cpu",
+    assert main(["embed", "--run", "untrained", "--dataset", "syn", "--device", "cpu",
                  "--encoder", str(enc), "--data", str(data), "--out", str(out)]) == 0
     ids, feats, meta = read_latents(out)
     prepared = load_prepared(data)
     expected, _ = encode_checkpoint(enc, prepared, "cpu")
     np.testing.assert_array_equal(ids, prepared.ids)
     np.testing.assert_allclose(feats, expected, rtol=1e-6, atol=1e-6)
-    assert meta["model"] == "byol-untrained" and meta["dimension"] == str(expected.shape[1])
+    assert meta["model"] == "untrained" and meta["dimension"] == str(expected.shape[1])
     assert meta["dataset"] == "syn"
 
 

@@ -15,6 +15,7 @@ from pipeline.evaluate import (
 )
 from pipeline.io import read_json
 from pipeline.prepare import PrepareParams, prepare
+from pipeline.train.grid import Run
 
 
 def blobs(n, seed, spread):
@@ -97,17 +98,35 @@ def test_pixel_row_on_digits(tmp_path, capsys):
     assert f"knn20 top-1 {row['knn20_top1']:.4f}, knn200 top-1" in line
     table = aggregate([tmp_path / "pixels.json"], tmp_path / "t.csv")
     csv = pd.read_csv(tmp_path / "t.csv")
-    assert list(csv.columns[:13]) == [
-        "dataset", "run", "stage", "latent", "metric", "variant", "seed", "top1", "top5",
-        "knn20_top1", "knn20_top5", "knn200_top1", "knn200_top5"]
+    assert list(csv.columns[:16]) == [
+        "dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "round",
+        "seed", "top1", "top5", "knn20_top1", "knn20_top5", "knn200_top1", "knn200_top5"]
     assert csv.loc[0, "top1"] == round(row["top1"], 4)
     assert len(table) == 1
 
 
-def _table(rows):
-    from pipeline.config import parse_run_name
+# The trained runs of these tables, as the grid names them.
+TRAINED = {r.name: r for r in (
+    Run("byol"), Run("simclr"), Run("nnclr"),
+    Run("byol", "weighted", "latent", "vae", "cosine"),
+    Run("byol", "weighted", "latent", "ae", "cosine"),
+    Run("byol", "probabilistic", "latent", "vae", "cosine"),
+    Run("simclr", "probabilistic", "latent", "vae", "cosine"),
+)}
 
-    return pd.DataFrame([{"dataset": "d", "run": run, **parse_run_name(run), "seed": seed,
+
+def _columns(run: str) -> dict:
+    """A row's identifying columns as evaluate writes them: a trained run's from its
+    checkpoint (stage = the method), the references' from what was evaluated."""
+    if run in TRAINED:
+        return {"stage": TRAINED[run].method, **TRAINED[run].columns()}
+    if run.startswith("latent-"):
+        return {"stage": "latent", "latent": run.removeprefix("latent-")}
+    return {"stage": run}  # pixels, untrained
+
+
+def _table(rows):
+    return pd.DataFrame([{"dataset": "d", "run": run, **_columns(run), "seed": seed,
                           "top1": top1, "knn20_top1": knn} for run, seed, top1, knn in rows])
 
 
@@ -153,6 +172,31 @@ def test_summary_mean_std_and_paired_difference_by_hand():
     assert s.loc["byol-baseline", "top1_mean"] == pytest.approx(0.92)
 
 
+def test_summary_pairs_each_run_with_its_own_methods_baseline():
+    from pipeline.aggregate import summarise
+
+    df = _table([
+        ("pixels", None, 0.80, 0.70),
+        ("byol-baseline", 0, 0.90, 0.80), ("byol-baseline", 1, 0.92, 0.80),
+        ("simclr-baseline", 0, 0.85, 0.75), ("simclr-baseline", 1, 0.86, 0.75),
+        ("simclr-probabilistic-vae-cosine", 0, 0.88, 0.80),
+        ("simclr-probabilistic-vae-cosine", 1, 0.90, 0.80),
+        ("byol-weighted-vae-cosine", 0, 0.91, 0.81), ("byol-weighted-vae-cosine", 1, 0.95, 0.82),
+    ])
+    s = summarise(df).set_index("run")
+    assert s["versus"].to_dict() == {
+        "pixels": "", "byol-baseline": "", "byol-weighted-vae-cosine": "byol-baseline",
+        "simclr-baseline": "byol-baseline",
+        "simclr-probabilistic-vae-cosine": "simclr-baseline"}
+    # 0.88 - 0.85, 0.90 - 0.86 against simclr's own baseline; 0.85 - 0.90, 0.86 - 0.92 for
+    # simclr's baseline against byol's.
+    assert s.loc["simclr-probabilistic-vae-cosine", "top1_diff"] == pytest.approx(0.035)
+    assert s.loc["simclr-baseline", "top1_diff"] == pytest.approx(-0.055)
+    assert s.loc["byol-weighted-vae-cosine", "top1_diff"] == pytest.approx(0.02)
+    assert s.loc["simclr-probabilistic-vae-cosine", ["method", "variant", "latent"]].tolist() == [
+        "simclr", "probabilistic", "vae"]
+
+
 def test_combine_keeps_other_experiments(tmp_path, capsys):
     from pipeline.aggregate import combine
 
@@ -188,10 +232,8 @@ def test_aggregate_writes_summary_and_html(tmp_path, capsys):
             ("byol-baseline", 0, 0.9, 0.8), ("byol-baseline", 1, 0.92, 0.8),
             ("byol-weighted-vae-cosine", 0, 0.95, 0.85),
             ("byol-weighted-vae-cosine", 1, 0.97, 0.86)]):
-        from pipeline.config import parse_run_name
-
         paths.append(tmp_path / f"{i}.json")
-        write_json(paths[-1], {"dataset": "d", "run": run, **parse_run_name(run), "seed": seed,
+        write_json(paths[-1], {"dataset": "d", "run": run, **_columns(run), "seed": seed,
                                "top1": top1, "top5": None, "knn20_top1": knn,
                                "n_train": 10, "n_test": 5})
     aggregate(paths, tmp_path / "t.csv", summary=tmp_path / "s.csv",
@@ -212,14 +254,12 @@ def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
     from pipeline.aggregate import add_purity, collect
     from pipeline.io import write_json
 
-    rows = [("pixels", None), ("latent-vae", None), ("byol-baseline", 0), ("byol-untrained", 0),
+    rows = [("pixels", None), ("latent-vae", None), ("byol-baseline", 0), ("untrained", 0),
             ("byol-weighted-vae-cosine", 0), ("byol-weighted-ae-cosine", 0)]
     paths = []
     for run, seed in rows:
-        from pipeline.config import parse_run_name
-
         p = tmp_path / f"{run}.json"
-        write_json(p, {"dataset": "d", "run": run, **parse_run_name(run), "seed": seed,
+        write_json(p, {"dataset": "d", "run": run, **_columns(run), "seed": seed,
                        "top1": 0.5})
         paths.append(p)
     purity = pd.DataFrame({"space": ["vae", "vae"], "metric": ["cosine", "euclidean"],
@@ -229,7 +269,7 @@ def test_purity_joins_only_rows_with_that_space_and_metric(tmp_path):
     assert df.loc["byol-weighted-vae-cosine", "purity_at_k"] == 0.7
     assert pd.isna(df.loc["byol-weighted-ae-cosine", "purity_at_1"])  # no such neighbours
     assert pd.isna(df.loc["latent-vae", "purity_at_1"])
-    assert list(df.index) == ["pixels", "latent-vae", "byol-untrained", "byol-baseline",
+    assert list(df.index) == ["pixels", "latent-vae", "untrained", "byol-baseline",
                               "byol-weighted-ae-cosine", "byol-weighted-vae-cosine"]
 
 

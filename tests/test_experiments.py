@@ -6,9 +6,10 @@ import yaml
 from conftest import tiny_config
 
 
-def _byol_params(text: str) -> dict:
-    """The flat BYOL params of the first planned baseline job (from `--printshellcmds`)."""
-    match = re.search(r"byol --variant baseline .*?--params '([^']*)'", text)
+def _train_params(text: str) -> dict:
+    """The flat training params of the first planned byol-baseline job (from
+    `--printshellcmds`)."""
+    match = re.search(r" train --method byol --use baseline .*?--params '([^']*)'", text)
     assert match, text
     return yaml.safe_load(match.group(1))
 
@@ -16,13 +17,13 @@ def _byol_params(text: str) -> dict:
 def test_a_configfile_replaces_config_yaml_and_gets_schema_defaults(workflow):
     # config.yaml is a digits experiment with tuned values the other experiment must not see.
     workflow.write_config({**tiny_config(), "dataset": {"name": "digits"},
-                           "byol": {"batch_size": 16, "lr": 0.01, "seeds": [0, 1]}})
+                           "train": {"batch_size": 16, "lr": 0.01, "seeds": [0, 1]}})
     (workflow.path / "mine.yaml").write_text(yaml.safe_dump(
-        {"dataset": {"name": "synthetic"}, "byol": {"variants": ["baseline"]}}))
+        {"dataset": {"name": "synthetic"}, "train": {"uses": ["baseline"]}}))
     proc = workflow.run("--dry-run", "--printshellcmds", "results/linear_eval.csv",
                         "--configfile", "mine.yaml")
     text = proc.stdout + proc.stderr
-    params = _byol_params(text)
+    params = _train_params(text)
     assert params["batch_size"] == 256 and params["lr"] == 0.002
     assert params["view1.crop_min_scale"] == 0.3 and params["view2.flip_prob"] == 0.5
     assert params["view1.blur_prob"] == 1.0 and params["view2.solarize_prob"] == 0.2
@@ -33,20 +34,20 @@ def test_a_configfile_replaces_config_yaml_and_gets_schema_defaults(workflow):
 
 def test_nested_command_line_overrides_are_typed(workflow):
     proc = workflow.run("--dry-run", "--printshellcmds", "--config",
-                        'byol={"epochs": 3, "compile": false, "seeds": [4]}',
+                        'train={"epochs": 3, "compile": false, "seeds": [4]}',
                         'dataset={"max_train": 50, "synthetic": {"classes": 3}}')
     text = proc.stdout + proc.stderr
-    params = _byol_params(text)
+    params = _train_params(text)
     assert params["epochs"] == 3 and params["compile"] is False
     assert "--seed 4" in text
     assert '"max_train":50' in text
 
 
 def test_a_bad_override_fails_with_one_line_naming_the_key(workflow):
-    proc = workflow.run("--dry-run", "--config", 'byol={"lr": "fast"}', check=False)
+    proc = workflow.run("--dry-run", "--config", 'train={"lr": "fast"}', check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors[0] == "error: config key 'byol.lr': 'fast' is not of type 'number'"
+    assert errors[0] == "error: config key 'train.lr': 'fast' is not of type 'number'"
     assert not (workflow.path / "results").exists()
 
 
@@ -62,7 +63,7 @@ def test_the_slurm_profile_is_chosen_by_name(workflow):
 
 # A grid of three cheap jobs' worth of training: the baseline only, one seed, one epoch.
 SMALL = {"latent": {"models": []}, "neighbours": {"pixels": False},
-         "byol": {"variants": ["baseline"], "epochs": 1, "warmup_epochs": 0, "seeds": [0]},
+         "train": {"uses": ["baseline"], "epochs": 1, "warmup_epochs": 0, "seeds": [0]},
          "evaluate": {"untrained": False}}
 
 

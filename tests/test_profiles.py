@@ -13,11 +13,11 @@ from conftest import ROOT, SNAKEMAKE, Workflow, tiny_config
 PROFILES = ROOT / "workflow" / "profiles"
 RULES = ROOT / "workflow" / "rules"
 # Stages that run on a GPU when there is one; every other rule is CPU-only.
-GPU_RULES = {"train_latent", "export_latents", "neighbours", "byol_baseline", "byol_neighbours",
-             "evaluate_byol", "embed", "byol_online", "byol_refresh", "neighbours_refresh"}
-# Rules that the tiny grid never runs: embed (an opt-in target), and the online and refresh
-# sources (byol.sources / byol.refresh_rounds).
-OPT_IN = {"embed", "byol_online", "byol_refresh", "neighbours_refresh"}
+GPU_RULES = {"train_latent", "export_latents", "neighbours", "train", "evaluate_train", "embed",
+             "neighbours_refresh"}
+# Rules that the tiny grid never runs: embed (an opt-in target), and the refresh source's
+# mining (train.refresh_rounds); the queue source is a run of `train` like any other.
+OPT_IN = {"embed", "neighbours_refresh"}
 
 
 def load_profile(name: str) -> dict:

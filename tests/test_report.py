@@ -14,10 +14,10 @@ from conftest import ROOT, Workflow, tiny_config
 pytestmark = pytest.mark.slow
 
 REPORT = ROOT / "workflow" / "report"
-# One job of every rule: one latent model, one metric, baseline and one neighbour variant; two
+# One job of every rule: one latent model, one metric, baseline and one neighbour use; two
 # seeds, so that the paired difference has an interval.
 GRID = {"latent": {"models": ["vae"]}, "neighbours": {"metrics": ["cosine"]},
-        "byol": {"variants": ["baseline", "probabilistic"], "seeds": [0, 1]}}
+        "train": {"uses": ["baseline", "probabilistic"], "seeds": [0, 1]}}
 DS = "results/synthetic"
 # Report category -> the files it must show, and the caption file of each.
 EXPECTED = {
@@ -35,9 +35,10 @@ EXPECTED = {
     "Neighbours": {f"{DS}/neighbours/vae-cosine/grid.png": "neighbours_grid.rst",
                    f"{DS}/neighbours/pixels-cosine/grid.png": "neighbours_grid.rst",
                    f"{DS}/neighbours/purity.csv": "purity.rst"},
-    "BYOL": {f"{DS}/byol_histories.png": "byol_histories.rst",
-             **{f"{DS}/byol/{run}/seed{s}/loss.png": "byol_loss.rst"
-                for run in ("baseline", "probabilistic-vae-cosine") for s in (0, 1)}},
+    "Training": {f"{DS}/train_histories.png": "train_histories.rst",
+                 **{f"{DS}/train/{run}/seed{s}/loss.png": "train_loss.rst"
+                    for run in ("byol-baseline", "byol-probabilistic-vae-cosine")
+                    for s in (0, 1)}},
 }
 MIME = {".png": "image/png", ".csv": "text/csv", ".html": "text/html"}
 
@@ -107,12 +108,12 @@ def test_summary_page_is_an_html_table(report):
     page = base64.b64decode(results[f"{DS}/summary.html"]["data_uri"].split(",", 1)[1])
     page = page.decode("utf-8")
     assert page.count("<table") == 1
-    for run in ("pixels", "latent-vae", "byol-untrained", "byol-baseline",
+    for run in ("pixels", "latent-vae", "untrained", "byol-baseline",
                 "byol-probabilistic-vae-cosine"):
         assert f"<td>{run}</td>" in page
     summary = pd.read_csv(wf.path / DS / "summary.csv").set_index("run")
     row = summary.loc["byol-probabilistic-vae-cosine"]
-    assert row["n_seeds"] == 2 and row["n_pairs"] == 2
+    assert row["n_seeds"] == 2 and row["n_pairs"] == 2 and row["versus"] == "byol-baseline"
     assert row["top1_diff_ci95_low"] <= row["top1_diff"] <= row["top1_diff_ci95_high"]
     log = (wf.path / DS / "logs" / "aggregate.log").read_text()
     assert "byol-probabilistic-vae-cosine" in log and "Δ top1 vs baseline" in log
@@ -123,7 +124,7 @@ def test_summary_page_is_an_html_table(report):
 def test_figures_exist_and_are_pictures(report):
     wf, _ = report
     for name in ("accuracy", "paired_difference", "accuracy_vs_purity", "per_class",
-                 "embeddings", "byol_histories"):
+                 "embeddings", "train_histories"):
         png = (wf.path / DS / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
 
@@ -137,7 +138,8 @@ def test_report_has_workflow_description(report):
     # The data set, its image counts and the configuration used are on the landing page.
     assert "Data set synthetic: 72 images of 12×12 px, 1 channel, 3 classes" in desc
     assert "57 train, 15 test" in desc
-    assert 'variants: ["baseline", "probabilistic"]' in desc and "knn_k: [5, 200]" in desc
+    assert 'uses: ["baseline", "probabilistic"]' in desc and "knn_k: [5, 200]" in desc
+    assert 'methods: ["byol"]' in desc
     # The rule graph of the DAG is embedded too.
     assert "aggregate" in json.dumps(_js_object(html, "rulegraph_spec"))
 
@@ -159,7 +161,7 @@ def test_second_experiment_keeps_the_first(report):
     other["dataset"] = {**other["dataset"], "tag": "other",
                         "synthetic": {"classes": 4, "per_class": 12, "size": 8}}
     other["latent"] = {**other["latent"], "models": ["ae"]}
-    other["byol"] = {**other["byol"], "variants": ["baseline"], "seeds": [0]}
+    other["train"] = {**other["train"], "uses": ["baseline"], "seeds": [0]}
     wf.write_config(other)
     wf.run("results/linear_eval.csv")
     assert (wf.path / DS / "linear_eval.csv").read_text() == first

@@ -23,12 +23,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = ROOT / "workflow" / "scripts" / "slurm-up.sh"
 PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
 # A grid that still has one job of every rule: one latent model, one metric, the baseline
-# and one neighbour variant, raw-pixel neighbours, the untrained control.
+# and one neighbour use, raw-pixel neighbours, the untrained control.
 GRID = {"latent": {"models": ["vae"]}, "neighbours": {"metrics": ["cosine"]},
-        "byol": {"variants": ["baseline", "probabilistic"], "seeds": [0]}}
+        "train": {"uses": ["baseline", "probabilistic"], "seeds": [0]}}
 # Columns that identify a row, and the numbers that must agree; timings, device and host
 # may differ between a local run and a SLURM job.
-KEYS = ["dataset", "run", "stage", "latent", "metric", "variant", "seed"]
+KEYS = ["dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "round",
+        "seed"]
 NUMBERS = ["top1", "knn5_top1", "knn200_top1", "purity_at_1", "purity_at_k", "feature_dim",
            "epochs", "n_train", "n_test"]
 
@@ -120,12 +121,12 @@ def test_tiny_dag_on_slurm_matches_local_run(tmp_path, slurm_cluster):
     assert planned and len(submitted) == int(planned.group(1)) - local_jobs
     logs = list((remote.path / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert {p.stem for p in logs} == set(submitted)
-    assert any("rule_byol_neighbours" in p.parts for p in logs)
+    assert any("rule_train" in p.parts for p in logs)
 
     ours = pd.read_csv(remote.path / "results" / "linear_eval.csv")
     theirs = pd.read_csv(local.path / "results" / "linear_eval.csv")
     assert len(ours) == len(theirs) == 5
-    assert set(ours["run"]) == {"pixels", "latent-vae", "byol-untrained", "byol-baseline",
+    assert set(ours["run"]) == {"pixels", "latent-vae", "untrained", "byol-baseline",
                                 "byol-probabilistic-vae-cosine"}
     ours = ours.sort_values(KEYS).reset_index(drop=True)
     theirs = theirs.sort_values(KEYS).reset_index(drop=True)

@@ -26,29 +26,35 @@ def test_tiny_dag_runs_and_caches(workflow):
     workflow.write_config(tiny_config(**GRID))
     workflow.run()
     table = pd.read_csv(workflow.path / "results" / "linear_eval.csv")
-    assert {"dataset", "run", "stage", "latent", "metric", "variant", "seed", "top1"} <= set(
-        table.columns)
+    assert {"dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "round",
+            "seed", "top1"} <= set(table.columns)
     assert list(table["run"]) == [
-        "pixels", "latent-ae", "latent-vae", "byol-untrained", "byol-baseline",
+        "pixels", "latent-ae", "latent-vae", "untrained", "byol-baseline",
         "byol-probabilistic-ae-cosine", "byol-probabilistic-vae-cosine",
         "byol-weighted-ae-cosine", "byol-weighted-vae-cosine",
     ]
     assert table["top1"].between(0, 1).all()
     byol = table[table["stage"] == "byol"].set_index("run")
     assert (byol["seed"] == 0).all()
-    assert byol.loc["byol-weighted-vae-cosine", ["latent", "metric", "variant"]].tolist() == [
-        "vae", "cosine", "weighted"]
+    assert byol.loc["byol-weighted-vae-cosine", ["method", "variant", "source", "latent", "metric",
+                                                 "round"]].tolist() == [
+        "byol", "weighted", "latent", "vae", "cosine", 1]
+    assert byol.loc["byol-baseline", ["method", "variant"]].tolist() == ["byol", "baseline"]
+    assert byol.loc["byol-baseline", ["source", "latent", "metric", "round"]].isna().all()
+    assert table.set_index("run").loc["untrained", "stage"] == "untrained"
+    assert table.set_index("run").loc["latent-vae", ["stage", "latent"]].tolist() == [
+        "latent", "vae"]
     assert byol.loc["byol-weighted-vae-cosine", "purity_at_1"] >= 0
     assert pd.isna(byol.loc["byol-baseline", "purity_at_1"])
     ds = workflow.path / "results" / "synthetic"
     for figure in ("latent/vae/recon.png", "neighbours/pixels-cosine/grid.png",
-                   "byol/weighted-ae-cosine/seed0/loss.png"):
+                   "train/byol-weighted-ae-cosine/seed0/loss.png", "train_histories.png"):
         assert (ds / figure).stat().st_size > 1000, figure
     assert (ds / "accuracy.png").exists() and (ds / "summary.csv").exists()
     # Nothing to do after a complete run.
     assert workflow.planned() == {}
     # The opt-in embed target: a finished run's features in the latents schema.
-    features = ds / "byol" / "weighted-ae-cosine" / "seed0" / "features.parquet"
+    features = ds / "train" / "byol-weighted-ae-cosine" / "seed0" / "features.parquet"
     workflow.run(str(features.relative_to(workflow.path)))
     ids, feats, meta = read_latents(features)
     assert meta["model"] == "byol-weighted-ae-cosine" and len(ids) == len(feats) > 0
@@ -59,7 +65,7 @@ def test_tiny_dag_runs_and_caches(workflow):
     # Settings that do not change results never re-run finished jobs.
     workflow.write_config(tiny_config(
         latent=GRID["latent"], neighbours={**GRID["neighbours"], "chunk_size": 5},
-        byol={"checkpoint_every": 7}))
+        train={"checkpoint_every": 7}))
     assert workflow.planned() == {}
     # Dropping the untrained control re-trains and re-evaluates nothing: only the tables
     # and figures, which lose its rows, are redone.
@@ -72,22 +78,24 @@ def test_tiny_dag_runs_and_caches(workflow):
                                                             "vae": {"beta": 2.0}}}))
     planned = workflow.planned()
     assert planned["train_latent"] == 1 and planned["export_latents"] == 1
-    assert planned["neighbours"] == 1 and planned["byol_neighbours"] == 2
-    assert "prepare" not in planned and "byol_baseline" not in planned
+    # The two vae runs (probabilistic, weighted), never the baseline or the ae runs.
+    assert planned["neighbours"] == 1 and planned["train"] == 2
+    assert planned["evaluate_train"] == 2
+    assert "prepare" not in planned and "untrained" not in planned
     assert "evaluate_pixels" not in planned
     workflow.run("--dry-run", "--printshellcmds")  # still a valid plan
     workflow.write_config(tiny_config(**GRID))
 
-    # A BYOL variant's own param re-runs only that variant.
-    workflow.write_config(tiny_config(**GRID, byol={"weighted": {"pos_weight": 0.25}}))
+    # A neighbour use's own param re-runs only that use's runs (weighted, ae and vae).
+    workflow.write_config(tiny_config(**GRID, train={"weighted": {"pos_weight": 0.25}}))
     planned = workflow.planned()
-    assert planned.get("byol_neighbours") == 2 and "byol_baseline" not in planned
+    assert planned.get("train") == 2 and planned.get("evaluate_train") == 2
     assert "train_latent" not in planned and "neighbours" not in planned
 
     # An evaluation param re-runs only evaluation and aggregation.
     workflow.write_config(tiny_config(**GRID, evaluate={"C": 0.5}))
     planned = workflow.planned()
-    assert planned and set(planned) <= {"evaluate_pixels", "evaluate_latent", "evaluate_byol",
+    assert planned and set(planned) <= {"evaluate_pixels", "evaluate_latent", "evaluate_train",
                                         "aggregate", "figures", "combine"}
     assert "prepare" not in planned
     workflow.run()
@@ -102,10 +110,11 @@ def test_tiny_dag_runs_and_caches(workflow):
     touch_later(workflow.path / "pipeline" / "evaluate.py")
     planned = workflow.planned()
     assert "prepare" not in planned and "evaluate_pixels" in planned
-    assert "train_latent" not in planned and "byol_baseline" not in planned
+    assert "train_latent" not in planned and "train" not in planned
     touch_later(workflow.path / "pipeline" / "latent_models.py")
     planned = workflow.planned()
-    assert planned["train_latent"] == 2 and "byol_baseline" not in planned
+    # Both latent models and the four neighbour runs downstream; not the baseline.
+    assert planned["train_latent"] == 2 and planned["train"] == 4
 
 
 def test_bad_config_fails_before_any_job(workflow):

@@ -81,7 +81,7 @@ class RunData:
 
 def check_params(params: TrainParams, run: Run) -> None:
     """Validate once, before any work: method, use, source, backbone, optimiser, ranges."""
-    from pipeline.config import check_fields
+    from pipeline.schema import check_fields
 
     if run.method not in METHOD_USES:
         raise PipelineError(f"unknown method {run.method!r}; choose one of: "

@@ -44,11 +44,17 @@ def encoder_header(backbone: str, images: np.ndarray, params: dict, seed: int) -
             "params": params, "seed": int(seed), "provenance": provenance()}
 
 
+def init_encoder(backbone: str, seed: int, in_channels: int, size: int) -> nn.Module:
+    """The seeded encoder every method starts from; the untrained control is this draw."""
+    torch.manual_seed(seed)
+    return build_backbone(backbone, in_channels, size)
+
+
 def write_untrained(backbone: str, seed: int, data: Path, out: Path) -> None:
     """Write the seeded random initialisation of the encoder: the control row.
 
     The draw is the one every method's run with the same seed and backbone starts from
-    (:func:`pipeline.train.methods.init_encoder`).
+    (:func:`init_encoder`).
 
     Args:
         backbone: ``train.backbone`` (``auto`` resolved by the image side).
@@ -56,8 +62,6 @@ def write_untrained(backbone: str, seed: int, data: Path, out: Path) -> None:
         data: prepared ``data.npz``; its training images fix channels, size and statistics.
         out: ``encoder.pt`` to write.
     """
-    from pipeline.train.methods import init_encoder
-
     train = load_prepared(data).subset(*TRAINING_SPLITS)
     if len(train.images) == 0:
         raise PipelineError(f"{data}: no training images for the untrained encoder")

@@ -24,8 +24,9 @@ from pipeline.augment import normalise
 from pipeline.io import provenance, save_checkpoint
 from pipeline.train.checkpoint import matching_state, write_outputs
 from pipeline.train.data import RunData, load_run
+from pipeline.train.encoder import init_encoder
 from pipeline.train.grid import Run
-from pipeline.train.methods import build_method, init_encoder
+from pipeline.train.methods import build_method
 from pipeline.train.optim import lr_at, make_optimizer
 from pipeline.train.params import TrainParams
 from pipeline.train.sources import QueueSource, TableSource

@@ -1,4 +1,4 @@
-"""BYOL's optimisers (AdamW, SGD, LARS) and schedules (learning rate, EMA rate)."""
+"""Optimisers (AdamW, SGD, LARS) and schedules (learning rate, BYOL's EMA rate) of training."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                    eta: float = 0.02, wd_exclude: bool = True, lars_exclude: bool = True):
     """The named optimiser over ``model``'s parameters (see :func:`param_groups`)."""
     if name not in OPTIMIZERS:
-        raise PipelineError(f"unknown byol.optimizer {name!r}; choose one of: "
+        raise PipelineError(f"unknown train.optimizer {name!r}; choose one of: "
                             f"{', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name](param_groups(model, weight_decay, wd_exclude, lars_exclude), lr,
                             eta)

@@ -1,5 +1,5 @@
 """Typed params of one training run: the shared keys (``train:``), the run's neighbour use
-and its method's own section; built from the flat params by :func:`pipeline.config.build`,
+and its method's own section; built from the flat params by :func:`pipeline.schema.build`,
 every value checked by the schema."""
 
 from __future__ import annotations

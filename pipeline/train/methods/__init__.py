@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-import torch
 from torch import nn
 
-from pipeline.backbones import build_backbone
 from pipeline.train.methods.byol import BYOL
 from pipeline.train.methods.nnclr import NNCLR
 from pipeline.train.methods.simclr import SimCLR
@@ -24,12 +22,6 @@ from pipeline.train.methods.simclr import SimCLR
 METHODS: dict[str, type[nn.Module]] = {"byol": BYOL, "simclr": SimCLR, "nnclr": NNCLR}
 PAPERS = {"byol": "Grill et al. 2020", "simclr": "Chen et al. 2020",
           "nnclr": "Dwibedi et al. 2021"}
-
-
-def init_encoder(backbone: str, seed: int, in_channels: int, size: int) -> nn.Module:
-    """The seeded encoder every method starts from; the untrained control is this draw."""
-    torch.manual_seed(seed)
-    return build_backbone(backbone, in_channels, size)
 
 
 def build_method(name: str, encoder: nn.Module, proj_hidden: int, proj_dim: int,
