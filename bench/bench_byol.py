@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.augment import AugmentParams, augment, normalise, to_float  # noqa: E402
 from pipeline.config import field_schema  # noqa: E402
 from pipeline.device import LAYOUT  # noqa: E402
+from pipeline.train.encoder import init_encoder  # noqa: E402
 from pipeline.train.grid import METHOD_USES  # noqa: E402
 from pipeline.train.loop import autocast_for, step_dtype  # noqa: E402
-from pipeline.train.methods import METHODS, build_method, init_encoder  # noqa: E402
+from pipeline.train.methods import METHODS, build_method  # noqa: E402
 from pipeline.train.optim import make_optimizer  # noqa: E402
 from pipeline.train.params import TrainParams  # noqa: E402
 from pipeline.train.uses import USES, Batch  # noqa: E402

@@ -90,11 +90,24 @@ def export(revision: str, dest: Path) -> Path:
     return dest
 
 
+def cannot_train(root: Path, method: str) -> str | None:
+    """Why the package under ``root`` cannot train ``method``'s baseline, or None."""
+    if (root / "pipeline" / "train" / "loop.py").is_file():
+        return None
+    if (root / "pipeline" / "byol.py").is_file():
+        return None if method == "byol" else (
+            f"this revision trains BYOL only (pipeline/byol.py), not {method}")
+    return "this revision has neither pipeline/train/loop.py nor pipeline/byol.py"
+
+
 def train_baseline(root: Path, method: str, epochs: int, data: Path, work: Path) -> None:
     """Train ``method``'s baseline with the package under ``root``, whichever API it has:
     ``pipeline.train.loop.train`` (every method) or, before the method seam, BYOL's own
     ``pipeline.byol.train_byol``. Chosen by the files, so that a revision whose package
     fails to import says why instead of passing for an older one."""
+    why = cannot_train(root, method)
+    if why:
+        raise SystemExit(f"error: {why}")
     outputs = (data, None, work / "enc.pt", work / "state.pt", work / "history.csv",
                work / "loss.png", "cpu")
     if (root / "pipeline" / "train" / "loop.py").is_file():
@@ -103,16 +116,10 @@ def train_baseline(root: Path, method: str, epochs: int, data: Path, work: Path)
         from pipeline.train.params import TrainParams
 
         train(TrainParams(epochs=epochs), Run(method), 0, *outputs)
-    elif (root / "pipeline" / "byol.py").is_file():
-        if method != "byol":
-            raise SystemExit(f"error: this revision trains BYOL only (pipeline/byol.py), "
-                             f"not {method}")
+    else:
         from pipeline.byol import ByolParams, train_byol
 
         train_byol(ByolParams(epochs=epochs), "baseline", 0, *outputs)
-    else:
-        raise SystemExit("error: this revision has neither pipeline/train/loop.py nor "
-                         "pipeline/byol.py")
 
 
 def worker(stage: str, root: Path, data: Path, epochs: int, work: Path) -> list[float]:
@@ -187,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         make_data(args.n, args.size, tmp / "data.npz")
         roots = {r: export(r, tmp / f"rev{i}") for i, r in enumerate(args.revisions)}
+        for rev, root in roots.items():  # before any stage runs
+            for stage in args.stages:
+                why = stage in METHODS and cannot_train(root, stage)
+                if why:
+                    raise SystemExit(f"error: {stage} under {rev}: {why}")
         rates: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.repeats):
             for stage in args.stages:

@@ -33,14 +33,15 @@ def _check_data(a):
 
 
 def _train_latent(a):
-    from pipeline.latent import LatentParams, train_latent
+    from pipeline.latent.loop import train_latent
+    from pipeline.latent.params import LatentParams
 
     train_latent(_params(LatentParams, a.params), a.model, a.data, a.out, a.curve,
                  a.loss_plot, a.recon_plot, a.device)
 
 
 def _export_latents(a):
-    from pipeline.latent import export_latents
+    from pipeline.latent.export import export_latents
 
     export_latents(a.checkpoint, a.data, a.out, a.device, a.dataset)
 

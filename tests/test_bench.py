@@ -253,6 +253,41 @@ def test_bench_revisions_times_each_stage_per_revision(capsys):
     assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == rows[2][3] == "1.00"
 
 
+OLD_BYOL = """
+import csv
+from dataclasses import dataclass
+
+
+@dataclass
+class ByolParams:
+    epochs: int = 30
+
+
+def train_byol(params, variant, seed, data, neighbours, out, state, history, loss_plot, device):
+    assert (variant, seed, neighbours, device) == ("baseline", 0, None, "cpu")
+    with open(history, "w", newline="") as fh:
+        rows = csv.writer(fh)
+        rows.writerow(["epoch", "seconds"])
+        rows.writerows([e + 1, 0.5] for e in range(params.epochs))
+"""
+
+
+def test_bench_revisions_trains_byol_in_a_revision_from_before_the_method_seam(tmp_path):
+    # A package as it was before pipeline/train/: BYOL's own train_byol in pipeline/byol.py.
+    (tmp_path / "old" / "pipeline").mkdir(parents=True)
+    (tmp_path / "old" / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "old" / "pipeline" / "byol.py").write_text(OLD_BYOL)
+    bench = _load("bench_revisions")
+    args = bench.argparse.Namespace(n=64, epochs=3, threads=1)
+    rate = bench.run_stage(tmp_path / "old", "byol", args, tmp_path / "data.npz",
+                           tmp_path / "work")
+    assert rate == 64 / 0.5  # from that revision's own per-epoch seconds
+    with pytest.raises(SystemExit, match=r"this revision trains BYOL only \(pipeline/byol.py\), "
+                                         r"not simclr"):
+        bench.run_stage(tmp_path / "old", "simclr", args, tmp_path / "data.npz",
+                        tmp_path / "work2")
+
+
 def test_bench_revisions_names_a_revision_git_does_not_know(capsys):
     with pytest.raises(SystemExit, match=r"^error: cannot export revision 'no-such-rev'"):
         _load("bench_revisions").main(["--revisions", "no-such-rev", "--stages", "byol",

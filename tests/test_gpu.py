@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from pipeline.augment import AugmentParams, augment
-from pipeline.train.loop import ByolParams, encode_checkpoint, train_byol
 from pipeline.io import load_neighbours, load_prepared
 from pipeline.latent import LatentParams, export_latents, train_latent
 from pipeline.neighbours import NeighboursParams, find_neighbours
 from pipeline.prepare import PrepareParams, SyntheticParams, prepare
+from pipeline.train.encoder import encode_checkpoint
+from pipeline.train.grid import Run
+from pipeline.train.loop import train
+from pipeline.train.params import NnclrParams, ProbabilisticParams, TrainParams, WeightedParams
+from pipeline.train.sources import QueueParams, QueueSource
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,10 +63,11 @@ def test_latent_neighbours_and_byol_on_cuda(tiny):
     ids, nb, dist, meta = load_neighbours(d / "nb.parquet")
     assert nb.shape == (len(ids), 3) and np.isfinite(dist).all()
     assert (nb != ids[:, None]).all()
-    params = ByolParams(backbone="resnet18_cifar", epochs=2, batch_size=32, proj_dim=16,
-                        proj_hidden=32, warmup_epochs=1, checkpoint_every=1, pos_weight=0.5)
-    train_byol(params, "weighted", 0, d / "data.npz", d / "nb.parquet", d / "enc.pt",
-               d / "state.pt", d / "hist.csv", d / "loss.png", "cuda")
+    params = TrainParams(backbone="resnet18_cifar", epochs=2, batch_size=32, proj_dim=16,
+                         proj_hidden=32, warmup_epochs=1, checkpoint_every=1,
+                         weighted=WeightedParams(0.5))
+    train(params, Run("byol", "weighted", "latent", "ae", "cosine"), 0, d / "data.npz",
+          d / "nb.parquet", d / "enc.pt", d / "state.pt", d / "hist.csv", d / "loss.png", "cuda")
     # The finished state is kept as the encoder's hard link (a re-run only rewrites outputs).
     assert (d / "enc.pt").samefile(d / "state.pt")
     data = load_prepared(d / "data.npz")
@@ -75,14 +80,12 @@ def test_latent_neighbours_and_byol_on_cuda(tiny):
     assert rel < 0.05
 
 
-def test_online_queue_on_cuda_finds_the_cpu_neighbours():
-    from pipeline.train.sources import OnlineParams, QueueSource
-
+def test_queue_on_cuda_finds_the_cpu_neighbours():
     z = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator()
                                                   .manual_seed(0)), dim=-1)
     found = {}
     for dev in ("cpu", "cuda"):
-        q = QueueSource(64, 16, OnlineParams(queue_size=48, k=4), 1.0, torch.device(dev))
+        q = QueueSource(64, 16, QueueParams(queue_size=48, k=4), 1.0, torch.device(dev))
         for start in range(0, 64, 16):
             rows = torch.arange(start, start + 16, device=dev)
             q.observe(rows, z[start:start + 16].to(dev))
@@ -90,12 +93,46 @@ def test_online_queue_on_cuda_finds_the_cpu_neighbours():
     assert torch.equal(found["cpu"], found["cuda"])
 
 
-def test_online_neighbour_run_trains_on_cuda(tiny, tmp_path):
-    p = ByolParams(backbone="smallconv", epochs=2, batch_size=32, proj_dim=8, proj_hidden=16,
-                   p_neighbour=1.0)
-    p.online.queue_size, p.online.k = 64, 3
-    train_byol(p, "probabilistic", 0, tiny / "data.npz", None, tmp_path / "e.pt",
-               tmp_path / "s.pt", tmp_path / "h.csv", tmp_path / "l.png", "cuda",
-               online_neighbours=True)
+def test_queue_neighbour_run_trains_on_cuda(tiny, tmp_path):
+    p = TrainParams(backbone="smallconv", epochs=2, batch_size=32, proj_dim=8, proj_hidden=16,
+                    warmup_epochs=1, probabilistic=ProbabilisticParams(1.0),
+                    queue=QueueParams(queue_size=64, k=3))
+    train(p, Run("byol", "probabilistic", "queue"), 0, tiny / "data.npz", None,
+          tmp_path / "e.pt", tmp_path / "s.pt", tmp_path / "h.csv", tmp_path / "l.png", "cuda")
     assert torch.load(tmp_path / "e.pt", weights_only=True)["summary"]["device"].startswith(
         "cuda")
+
+
+@pytest.mark.parametrize("method", ["simclr", "nnclr"])
+def test_contrastive_methods_train_on_cuda_and_resume(tiny, tmp_path, monkeypatch, capsys,
+                                                      method):
+    """SimCLR's and NNCLR's steps on CUDA (bf16 autocast, NT-Xent in float32, NNCLR's queue
+    on the device), and a resume from a checkpoint written on CUDA. cuDNN's kernels are not
+    deterministic here, so the resumed run is compared loosely (the CPU test is exact)."""
+    import pipeline.train.loop as loop
+
+    p = TrainParams(backbone="resnet18_cifar", epochs=2, batch_size=32, proj_dim=16,
+                    proj_hidden=32, warmup_epochs=1, checkpoint_every=1,
+                    nnclr=NnclrParams(queue_size=64, k=2))
+
+    def go(name):
+        d = tmp_path / name
+        train(p, Run(method), 0, tiny / "data.npz", None, d / "e.pt", d / "s.pt", d / "h.csv",
+              d / "l.png", "cuda")
+        return torch.load(d / "e.pt", weights_only=True)
+
+    straight = go("straight")
+    assert straight["summary"]["device"].startswith("cuda")
+    assert straight["summary"]["precision"] == "bfloat16"
+    real_stream = loop._stream
+    monkeypatch.setattr(loop, "_stream", lambda s, e, *a: (_ for _ in ()).throw(
+        KeyboardInterrupt()) if e == 1 else real_stream(s, e, *a))
+    with pytest.raises(KeyboardInterrupt):
+        go("resumed")
+    monkeypatch.setattr(loop, "_stream", real_stream)
+    capsys.readouterr()
+    resumed = go("resumed")
+    assert "resuming from epoch 1" in capsys.readouterr().err
+    losses = [[r["loss"] for r in ck["history"]] for ck in (straight, resumed)]
+    assert all(np.isfinite(losses[1])) and len(losses[1]) == 2
+    np.testing.assert_allclose(losses[1], losses[0], rtol=0.05)

@@ -395,16 +395,22 @@ def test_results_rows_built_on_a_flagged_space_are_marked():
                            "metric": ["cosine", "euclidean", "cosine", "cosine"],
                            "flagged": [True, False, False, False],
                            "flag_reason": ["purity@1 low", "", "", ""]})
-    # Every method's rows on a mined space take its gate; the queue source mines none.
+    # Every method's runs on a latent space's table take its gate; a refresh round mined
+    # an encoder's features, and the queue source mines nothing: no gate for them.
     df = pd.DataFrame({"run": ["pixels", "latent-ae", "latent-vae", "byol-baseline",
                                "byol-weighted-ae-cosine", "byol-weighted-ae-euclidean",
-                               "simclr-probabilistic-ae-cosine", "byol-weighted-queue"],
+                               "simclr-probabilistic-ae-cosine", "byol-weighted-ae-cosine-r2",
+                               "byol-weighted-queue"],
                        "stage": ["pixels", "latent", "latent", "byol", "byol", "byol",
-                                 "simclr", "byol"],
-                       "latent": [None, "ae", "vae", None, "ae", "ae", "ae", ""],
-                       "metric": [None, None, None, None, "cosine", "euclidean", "cosine", ""]})
+                                 "simclr", "byol", "byol"],
+                       "source": ["", "", "", "", "latent", "latent", "latent", "refresh",
+                                  "queue"],
+                       "latent": [None, "ae", "vae", None, "ae", "ae", "ae", "ae", ""],
+                       "metric": [None, None, None, None, "cosine", "euclidean", "cosine",
+                                  "cosine", ""]})
     out = add_neighbour_flags(df, purity)
     assert out["neighbour_flag"].tolist() == [pd.NA, True, False, pd.NA, True, False, True,
-                                              pd.NA]
+                                              pd.NA, pd.NA]
     assert out["neighbour_flag_reason"].tolist() == ["", "cosine: purity@1 low", "", "",
-                                                     "purity@1 low", "", "purity@1 low", ""]
+                                                     "purity@1 low", "", "purity@1 low", "",
+                                                     ""]

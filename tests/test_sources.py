@@ -1,19 +1,32 @@
-"""Neighbour sources (offline table, refresh, online queue), filters and the warm-up ramp."""
-
-import csv
+"""Neighbour sources (offline table, refresh, queue), filters and the warm-up ramp."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_byol import OFF, TINY, IndexViews, same_weights, streams, weights, write_data
+from test_train import (
+    IDS,
+    OFF,
+    IndexViews,
+    history,
+    run,
+    same_weights,
+    streams,
+    weights,
+    write_data,
+)
 
-import pipeline.train.loop as byol
-import pipeline.train.uses as variants
+import pipeline.train.loop as loop
+import pipeline.train.uses as uses
 from pipeline import PipelineError
-from pipeline.train.loop import ByolParams, train_byol
-from pipeline.train.sources import FilterParams, OnlineParams, QueueSource, filter_table
+from pipeline.train.params import (
+    ProbabilisticParams,
+    TopkParams,
+    TrainParams,
+    WeightedParams,
+)
+from pipeline.train.sources import FilterParams, QueueParams, QueueSource, filter_table
 
 
 @pytest.fixture(autouse=True)
@@ -38,22 +51,6 @@ def write_table(path, ids, offsets, distances=None):
 @pytest.fixture
 def data(tmp_path):
     return write_data(tmp_path / "data.npz")
-
-
-IDS = np.arange(100, 140, dtype=np.int64)  # the training ids of the data fixture
-
-
-def run(tmp_path, data, name, variant="baseline", nb=None, queue=False, **kw):
-    d = tmp_path / name
-    train_byol(ByolParams(**{**TINY, **kw}), variant, 0, data, nb, d / "encoder.pt",
-               d / "state.pt", d / "history.csv", d / "loss.png", "cpu",
-               online_neighbours=queue)
-    return d / "encoder.pt"
-
-
-def history(path):
-    with open(path.parent / "history.csv") as fh:
-        return list(csv.DictReader(fh))
 
 
 # ------------------------------------------------------------------- filters
@@ -86,8 +83,9 @@ def test_a_filter_that_rejects_every_pair_is_the_baseline_bit_for_bit(tmp_path, 
     one_way = write_table(tmp_path / "one.parquet", IDS, [1, 2])  # no pair is mutual
     base = run(tmp_path, data, "base")
     rejected = run(tmp_path, data, "rejected", "probabilistic", one_way,
-                   filter=FilterParams(mutual=True), p_neighbour=1.0)
-    unfiltered = run(tmp_path, data, "unfiltered", "probabilistic", one_way, p_neighbour=1.0)
+                   filter=FilterParams(mutual=True), probabilistic=ProbabilisticParams(1.0))
+    unfiltered = run(tmp_path, data, "unfiltered", "probabilistic", one_way,
+                     probabilistic=ProbabilisticParams(1.0))
     assert same_weights(weights(base), weights(rejected))
     assert not same_weights(weights(base), weights(unfiltered))
     # Self pairs are no neighbour use and do not count toward purity.
@@ -105,26 +103,27 @@ def test_warm_up_ramps_the_neighbour_share_from_zero(tmp_path, data):
     views = IndexViews(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), table, OFF, OFF,
                        lambda x: x)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:1000]
-    p = ByolParams(p_neighbour=0.8, pos_weight=0.6, k=3)
-    rates = [variants._probabilistic(views, idx, streams(), p, s).neighbour_use.item()
+    p = TrainParams(probabilistic=ProbabilisticParams(0.8), weighted=WeightedParams(0.6),
+                    topk=TopkParams(3))
+    rates = [uses._probabilistic(views, idx, streams(), p, s).neighbour_use.item()
              for s in (0.0, 0.5, 1.0)]
     assert rates[0] == 0.0 and 0.34 < rates[1] < 0.46 and 0.75 < rates[2] < 0.85
-    assert variants._weighted(views, idx, streams(), p, 0.5).weights == (0.7, 0.3)
-    assert variants._topk(views, idx, streams(), p, 0.0).weights == (1.0, 0.0, 0.0)
-    assert variants._topk(views, idx, streams(), p, 1.0).weights == (1 / 3,) * 3
+    assert uses._weighted(views, idx, streams(), p, 0.5).weights == (0.7, 0.3)
+    assert uses._topk(views, idx, streams(), p, 0.0).weights == (1.0, 0.0, 0.0)
+    assert uses._topk(views, idx, streams(), p, 1.0).weights == (1 / 3,) * 3
     # In training the ramp is linear in steps: 2 steps per epoch, 2 warm-up epochs.
     w = run(tmp_path, data, "ramp", "weighted", write_table(tmp_path / "nb.parquet", IDS, [1]),
-            epochs=3, neighbour_warmup_epochs=2, pos_weight=0.8)
+            epochs=3, neighbour_warmup_epochs=2, weighted=WeightedParams(0.8))
     use = [float(r["neighbour_use"]) for r in history(w)]
     assert use == pytest.approx([0.8 * (0 + 0.25) / 2, 0.8 * (0.5 + 0.75) / 2, 0.8])
 
 
-# ------------------------------------------------------------------- online
+# ------------------------------------------------------------------- queue
 
 
 def test_queue_neighbours_come_only_from_earlier_steps_never_the_image_itself():
     torch.manual_seed(0)
-    q = QueueSource(20, 4, OnlineParams(queue_size=8, k=2), 1.0, torch.device("cpu"))
+    q = QueueSource(20, 4, QueueParams(queue_size=8, k=2), 1.0, torch.device("cpu"))
     first = torch.tensor([0, 1, 2, 3])
     assert torch.equal(q.lookup(first), first[:, None].expand(4, 2))  # nothing seen: self
     z = torch.randn(20, 4)
@@ -145,78 +144,86 @@ def test_queue_neighbours_come_only_from_earlier_steps_never_the_image_itself():
     assert q.lookup(torch.tensor([5]))[0].tolist() == (sims.topk(2).indices + 4).tolist()
 
 
-def test_online_training_uses_neighbours_from_the_second_epoch_and_resumes_exactly(
-        tmp_path, data, monkeypatch):
-    kw = dict(epochs=3, online=OnlineParams(queue_size=24, k=2), p_neighbour=1.0)
-    straight = run(tmp_path, data, "straight", "probabilistic", queue=True, **kw)
+@pytest.mark.parametrize("method", ["byol", "simclr"])
+def test_queue_training_uses_neighbours_from_the_second_epoch_and_resumes_exactly(
+        tmp_path, data, monkeypatch, method):
+    kw = dict(epochs=3, queue=QueueParams(queue_size=24, k=2),
+              probabilistic=ProbabilisticParams(1.0), method=method)
+    straight = run(tmp_path, data, "straight", "probabilistic", source="queue", **kw)
     use = [float(r["neighbour_use"]) for r in history(straight)]
     assert use[0] == 0.0 and use[1] > 0.5 and use[2] > 0.5  # epoch 1 has no queries yet
-    real_stream = byol._stream
+    real_stream = loop._stream
 
     def fail_in_epoch_three(seed, epoch, stream):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
         return real_stream(seed, epoch, stream)
 
-    monkeypatch.setattr(byol, "_stream", fail_in_epoch_three)
+    monkeypatch.setattr(loop, "_stream", fail_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, data, "resumed", "probabilistic", queue=True, **kw)
-    monkeypatch.setattr(byol, "_stream", real_stream)
-    resumed = run(tmp_path, data, "resumed", "probabilistic", queue=True, **kw)
+        run(tmp_path, data, "resumed", "probabilistic", source="queue", **kw)
+    ck = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
+    assert ck["run"] == f"{method}-probabilistic-queue" and ck["queue"]["ptr"] == 4 * 16 % 24
+    monkeypatch.setattr(loop, "_stream", real_stream)
+    resumed = run(tmp_path, data, "resumed", "probabilistic", source="queue", **kw)
     assert same_weights(weights(straight), weights(resumed))  # the queue was restored
 
 
-def test_online_topk_and_weighted_train(tmp_path, data):
-    for variant in ("weighted", "topk"):
-        enc = run(tmp_path, data, variant, variant, queue=True, k=3,
-                  online=OnlineParams(queue_size=24, k=2))
+def test_queue_topk_and_weighted_train(tmp_path, data):
+    for use in ("weighted", "topk"):
+        enc = run(tmp_path, data, use, use, source="queue", topk=TopkParams(3),
+                  queue=QueueParams(queue_size=24, k=2))
         assert float(history(enc)[-1]["neighbour_use"]) > 0
+        assert torch.load(enc, weights_only=True)["columns"]["source"] == "queue"
 
 
 # ------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("online, message", [
-    (OnlineParams(queue_size=8, k=2),
-     r"^config key 'byol.online.queue_size': 8 is smaller than the batch \(16\)"),
-    (OnlineParams(queue_size=64, k=2),
-     r"^config key 'byol.online.queue_size': 64 is larger than the 40 training images"),
-    (OnlineParams(queue_size=20, k=20),
-     r"^config key 'byol.online.k': 20 needs a queue of more than 20 targets"),
+@pytest.mark.parametrize("queue, message", [
+    (QueueParams(queue_size=8, k=2),
+     r"^config key 'train.queue.queue_size': 8 is smaller than the batch \(16\)"),
+    (QueueParams(queue_size=64, k=2),
+     r"^config key 'train.queue.queue_size': 64 is larger than the 40 training images"),
+    (QueueParams(queue_size=20, k=20),
+     r"^config key 'train.queue.k': 20 needs a queue of more than 20 targets"),
 ])
-def test_bad_queue_settings_fail_before_training(tmp_path, data, online, message, monkeypatch):
-    monkeypatch.setattr(byol, "byol_step", lambda *a: pytest.fail("trained"))
+def test_bad_queue_settings_fail_before_training(tmp_path, data, queue, message, monkeypatch):
+    monkeypatch.setattr(loop, "_epoch", lambda *a: pytest.fail("trained"))
     with pytest.raises(PipelineError, match=message):
-        run(tmp_path, data, "bad", "probabilistic", queue=True, online=online)
+        run(tmp_path, data, "bad", "probabilistic", source="queue", queue=queue)
     assert not (tmp_path / "bad").exists()
 
 
 def test_bad_source_settings_in_the_config_name_the_key():
     from pipeline.config import validate_config
 
-    def fails(byol_cfg, message):
+    def fails(train_cfg, message):
         with pytest.raises(PipelineError, match=message):
-            validate_config({"byol": {"variants": ["baseline", "probabilistic"], **byol_cfg}})
+            validate_config({"train": {"uses": ["baseline", "probabilistic"], **train_cfg}})
 
     fails({"refresh_rounds": 0},
-          r"^config key 'byol.refresh_rounds': 0 is less than the minimum of 1")
-    fails({"sources": ["online"], "batch_size": 256, "online": {"queue_size": 128}},
-          r"^config key 'byol.online.queue_size': 128 is smaller than the batch \(256\)")
-    fails({"sources": ["online"], "online": {"queue_size": 300, "k": 300}},
-          r"^config key 'byol.online.k': 300 needs a queue of more than 300")
-    fails({"sources": ["online"], "filter": {"mutual": True}},
-          r"^config key 'byol.filter.mutual': online neighbours change every step")
-    fails({"sources": ["online"], "variants": ["topk"], "topk": {"k": 9}},
-          r"^config key 'byol.topk.k': 9 needs 8 neighbours per image, but byol.online.k is 5")
-    fails({"sources": []}, r"^config key 'byol.sources'")
-    # Online alone needs no latent space.
-    validate_config({"latent": {"models": []}, "byol": {"sources": ["online"]}})
+          r"^config key 'train.refresh_rounds': 0 is less than the minimum of 1")
+    fails({"sources": ["queue"], "batch_size": 256, "queue": {"queue_size": 128}},
+          r"^config key 'train.queue.queue_size': 128 is smaller than the batch \(256\)")
+    fails({"sources": ["queue"], "queue": {"queue_size": 300, "k": 300}},
+          r"^config key 'train.queue.k': 300 needs a queue of more than 300")
+    fails({"sources": ["queue"], "filter": {"mutual": True}},
+          r"^config key 'train.filter.mutual': queue neighbours change every step")
+    fails({"sources": ["queue"], "uses": ["topk"], "topk": {"k": 9}},
+          r"^config key 'train.topk.k': 9 needs 8 neighbours per image, but train.queue.k is 5")
+    fails({"sources": []}, r"^config key 'train.sources'")
+    # The old name of the queue source is refused by the schema.
+    fails({"sources": ["online"]},
+          r"^config key 'train.sources.0': 'online' is not one of \['latent', 'queue'\]")
+    # The queue alone needs no latent space.
+    validate_config({"latent": {"models": []}, "train": {"sources": ["queue"]}})
 
 
 def test_check_data_rejects_a_queue_larger_than_the_training_set(tmp_path, data):
     from pipeline.prepare import check_data
 
-    with pytest.raises(PipelineError, match=r"^config key 'byol.online.queue_size': 41 is "
+    with pytest.raises(PipelineError, match=r"^config key 'train.queue.queue_size': 41 is "
                                             r"larger than the 40 training images in "):
         check_data(data, tmp_path / "ok.json", 3, 41)
     assert check_data(data, tmp_path / "ok.json", 3, 40)["n_training"] == 40
@@ -233,7 +240,7 @@ def test_refresh_round_two_mines_round_one_features_with_exactly_the_training_id
 
     r1 = run(tmp_path, data, "r1", "probabilistic", write_table(tmp_path / "nb.parquet", IDS, [1]))
     features = tmp_path / "r1" / "features.parquet"
-    embed(r1, data, features, "byol-probabilistic-x-cosine", "test", "cpu")
+    embed(r1, data, features, "byol-probabilistic-ae-cosine", "test", "cpu")
     table = tmp_path / "r2" / "neighbours.parquet"
     find_neighbours(NeighboursParams(k=3), features, data, "cosine", table,
                     tmp_path / "r2" / "grid.png", "cpu")
@@ -241,14 +248,18 @@ def test_refresh_round_two_mines_round_one_features_with_exactly_the_training_id
     anchors, nbrs, _, _ = load_neighbours(table)
     assert sorted(anchors.tolist()) == IDS.tolist()  # one row per training image
     assert set(nbrs.ravel().tolist()) <= set(IDS.tolist()) and set(feature_ids) >= set(IDS)
-    r2 = run(tmp_path, data, "r2", "probabilistic", table)
+    r2 = run(tmp_path, data, "r2", "probabilistic", table, source="refresh")
     assert not same_weights(weights(r1), weights(r2))
+    ck = torch.load(r2, weights_only=True)
+    assert ck["run"] == "byol-probabilistic-ae-cosine-r2"
+    assert (ck["columns"]["source"], ck["columns"]["round"]) == ("refresh", 2)
 
     # Features of an encoder run on another data set: their ids are not this set's.
     other = load_prepared(data)
     other.ids = other.ids + 1000
     save_prepared(tmp_path / "other.npz", other)
-    embed(r1, tmp_path / "other.npz", tmp_path / "other.parquet", "byol-x", "other", "cpu")
+    embed(r1, tmp_path / "other.npz", tmp_path / "other.parquet", "byol-baseline", "other",
+          "cpu")
     with pytest.raises(PipelineError, match=r"other\.parquet: ids do not match the prepared "
                                             r"data set \(40 training ids missing, 52 ids unknown"):
         find_neighbours(NeighboursParams(k=3), tmp_path / "other.parquet", data, "cosine",
@@ -256,24 +267,27 @@ def test_refresh_round_two_mines_round_one_features_with_exactly_the_training_id
     assert not (tmp_path / "bad.parquet").exists()
 
 
-def test_dag_chains_refresh_rounds_and_adds_online_runs(workflow):
+def test_dag_chains_refresh_rounds_and_adds_queue_runs(workflow):
     from conftest import tiny_config
 
     workflow.write_config(tiny_config(
         latent={"models": ["ae"]}, neighbours={"metrics": ["cosine"]},
-        byol={"variants": ["baseline", "weighted"], "sources": ["latent", "online"],
-              "refresh_rounds": 3, "online": {"queue_size": 40}}))
+        train={**tiny_config()["train"], "uses": ["baseline", "weighted"],
+               "sources": ["latent", "queue"], "refresh_rounds": 3,
+               "queue": {"queue_size": 40}}))
     out = workflow.run("--dry-run", "--printshellcmds", "results/linear_eval.csv").stdout
     jobs = workflow.planned("results/linear_eval.csv")
-    assert jobs["byol_neighbours"] == 1 and jobs["byol_refresh"] == 2
-    assert jobs["byol_online"] == 1 and jobs["neighbours_refresh"] == 2 and jobs["embed"] == 2
+    # byol-baseline, byol-weighted-ae-cosine (r1, r2, r3) and byol-weighted-queue.
+    assert jobs["train"] == 5 and jobs["neighbours_refresh"] == 2 and jobs["embed"] == 2
     R = "results/synthetic"
-    for rnd, prev in ((2, "weighted-ae-cosine"), (3, "weighted-ae-cosine-r2")):
-        assert (f"--source {R}/byol/{prev}/seed0/features.parquet --data {R}/data.npz "
-                f"--out {R}/neighbours/refresh/weighted-ae-cosine-r{rnd}/seed0/"
-                "neighbours.parquet") in out
-        assert (f"--neighbours {R}/neighbours/refresh/weighted-ae-cosine-r{rnd}/seed0/"
-                f"neighbours.parquet --out {R}/byol/weighted-ae-cosine-r{rnd}/seed0/"
-                "encoder.pt") in out
-    assert f"--online --data {R}/data.npz --out {R}/byol/weighted-online/seed0/encoder.pt" in out
+    for rnd, prev in ((2, "byol-weighted-ae-cosine"), (3, "byol-weighted-ae-cosine-r2")):
+        name = f"byol-weighted-ae-cosine-r{rnd}"
+        assert (f"--source {R}/train/{prev}/seed0/features.parquet --data {R}/data.npz "
+                f"--out {R}/neighbours/refresh/{name}/seed0/neighbours.parquet") in out
+        assert (f"train --method byol --use weighted --source refresh --round {rnd} --space ae "
+                f"--metric cosine --neighbours {R}/neighbours/refresh/{name}/seed0/"
+                "neighbours.parquet --seed 0") in out
+        assert f"--out {R}/train/{name}/seed0/encoder.pt" in out
+    assert "train --method byol --use weighted --source queue --round 1 --seed 0" in out
+    assert f"--out {R}/train/byol-weighted-queue/seed0/encoder.pt" in out
     assert "--queue-size 40" in out  # checked against the prepared data before training

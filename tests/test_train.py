@@ -93,12 +93,13 @@ def neighbours(tmp_path, data):
 
 def as_run(method="byol", use="baseline", source=None):
     """The grid's run for a method and use: a neighbour use reads the latent source (a table
-    mined in the AE's space) unless ``source`` says otherwise."""
+    mined in the AE's space) unless ``source`` says otherwise (``refresh``: round 2)."""
     if use == "baseline" and not source:
         return Run(method)
     source = source or "latent"
-    return Run(method, use, "queue") if source == "queue" else Run(method, use, source, "ae",
-                                                                     "cosine")
+    if source == "queue":
+        return Run(method, use, "queue")
+    return Run(method, use, source, "ae", "cosine", 2 if source == "refresh" else 1)
 
 
 def run(tmp_path, data, name, use="baseline", nb=None, seed=0, method="byol", source=None,

@@ -111,7 +111,7 @@ def test_tiny_dag_runs_and_caches(workflow):
     planned = workflow.planned()
     assert "prepare" not in planned and "evaluate_pixels" in planned
     assert "train_latent" not in planned and "train" not in planned
-    touch_later(workflow.path / "pipeline" / "latent_models.py")
+    touch_later(workflow.path / "pipeline" / "latent" / "models.py")
     planned = workflow.planned()
     # Both latent models and the four neighbour runs downstream; not the baseline.
     assert planned["train_latent"] == 2 and planned["train"] == 4

@@ -8,14 +8,21 @@ checks against the mean image), ``loop`` (training), ``export`` (encoding, the p
 
 from __future__ import annotations
 
-from pipeline.latent.export import encode, export_latents, load_checkpoint
-from pipeline.latent.health import CollapseCheck
-from pipeline.latent.loop import RECON_SHOWN, train_latent
-from pipeline.latent.models import ENCODE_BATCH, LATENT_MODELS, build_model, check_model
-from pipeline.latent.params import LatentParams, check_params
+import importlib
 
-__all__ = [
-    "ENCODE_BATCH", "LATENT_MODELS", "RECON_SHOWN", "CollapseCheck", "LatentParams",
-    "build_model", "check_model", "check_params", "encode", "export_latents", "load_checkpoint",
-    "train_latent",
-]
+# Imported lazily, so that a module importing one part (the neighbours stage reads
+# ``health.SPREAD_MIN``) does not depend on the whole stage: rules derive their code inputs
+# from these imports.
+_PUBLIC = {
+    "encode": "export", "export_latents": "export", "load_checkpoint": "export",
+    "CollapseCheck": "health", "RECON_SHOWN": "loop", "train_latent": "loop",
+    "ENCODE_BATCH": "models", "LATENT_MODELS": "models", "build_model": "models",
+    "check_model": "models", "LatentParams": "params", "check_params": "params",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"pipeline.latent.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module 'pipeline.latent' has no attribute {name!r}")

@@ -28,7 +28,7 @@ def check_data(data: str | Path, out: str | Path, k: int | None,
         data: prepared ``data.npz``; only its split and label arrays are read.
         out: JSON marker with the counts checked.
         k: ``neighbours.k`` when neighbours are mined, else None.
-        queue_size: ``byol.online.queue_size`` when online neighbours are used, else None.
+        queue_size: ``train.queue.queue_size`` when the queue source is used, else None.
     """
     with np.load(data, allow_pickle=False) as z:  # lazy: the images stay on disk
         split, labels, ids = z["split"].astype(str), z["labels"], z["ids"]
@@ -44,7 +44,7 @@ def check_data(data: str | Path, out: str | Path, k: int | None,
         raise PipelineError(f"neighbours.k = {k} must be less than the number of training "
                             f"images ({n_train}) in {data}")
     if queue_size is not None and queue_size > n_train:
-        raise PipelineError(f"config key 'byol.online.queue_size': {queue_size} is larger than "
+        raise PipelineError(f"config key 'train.queue.queue_size': {queue_size} is larger than "
                             f"the {n_train} training images in {data}; lower it")
     labelled = {s: int(((split == s) & (labels >= 0)).sum()) for s in ("train", "test")}
     for s, count in labelled.items():
