@@ -113,10 +113,11 @@ def _check_layout(config: dict) -> None:
         config.get("byol"), dict) else []
     if old:
         where = ", ".join(f"byol.{k} -> {_MOVED.get(k, 'train.' + k)}" for k in old[:4])
+        online = "online" in (config["byol"].get("sources") or [])
         raise PipelineError(
             f"config: the training keys moved from byol: to train: (shared by every method; "
-            f"byol: keeps only tau_base): {where}{', ...' if len(old) > 4 else ''}; "
-            "and byol.sources' online is now queue")
+            f"byol: keeps only tau_base): {where}{', ...' if len(old) > 4 else ''}"
+            + ("; and byol.sources' online is now queue" if online else ""))
 
 
 def _check_grid(config: dict) -> None:

@@ -520,8 +520,7 @@ def test_an_old_layout_config_is_refused_in_one_line_naming_what_moved():
         validate_config({"byol": {"variants": ["baseline", "weighted"], "epochs": 3}})
     assert str(err.value) == (
         "config: the training keys moved from byol: to train: (shared by every method; byol: "
-        "keeps only tau_base): byol.epochs -> train.epochs, byol.variants -> train.uses; and "
-        "byol.sources' online is now queue")
+        "keeps only tau_base): byol.epochs -> train.epochs, byol.variants -> train.uses")
     # At most four keys are named; the queue source's params moved under their new name.
     with pytest.raises(PipelineError) as err:
         validate_config({"byol": {"online": {"queue_size": 64}, "sources": ["online"],
@@ -546,8 +545,8 @@ def test_an_old_layout_config_is_refused_in_one_line_naming_what_moved():
      "train.methods or drop 'topk'"),
     ({"train": {"methods": ["nnclr"], "uses": ["baseline"], "batch_size": 64},
       "nnclr": {"queue_size": 32}},
-     "config key 'nnclr.queue_size': 32 is smaller than train.batch_size (64); the support "
-     "queue must hold at least one batch"),
+     "config key 'nnclr.queue_size': 32 is smaller than the batch (64); the queue must hold "
+     "at least one batch of earlier projections"),
     ({"simclr": {"temperature": 0}},
      "config key 'simclr.temperature': 0 is less than or equal to the minimum of 0"),
     ({"nnclr": {"temperature": -0.1}},

@@ -14,7 +14,7 @@ from pipeline import PipelineError
 from pipeline.backbones import resolve_backbone
 from pipeline.io import TRAINING_SPLITS, Prepared, load_neighbours, load_prepared, locate
 from pipeline.train.encoder import encoder_header
-from pipeline.train.grid import METHOD_USES, Run
+from pipeline.train.grid import METHOD_USES, Run, check_support_queue
 from pipeline.train.optim import OPTIMIZERS
 from pipeline.train.params import TrainParams
 from pipeline.train.sources import check_queue, filter_table
@@ -110,9 +110,7 @@ def load_run(params: TrainParams, run: Run, seed: int, data: Path,
     backbone = resolve_backbone(params.backbone, min(size, width))
     nb_table, title = None, run.name
     if run.method == "nnclr":
-        from pipeline.train.methods.nnclr import check_queue as check_support
-
-        check_support(params.nnclr.queue_size, min(params.batch_size, n))
+        check_support_queue(params.nnclr.queue_size, min(params.batch_size, n))
     if run.source == "queue":
         if neighbours is not None:
             raise PipelineError("the queue source reads no neighbours file; drop --neighbours")

@@ -121,13 +121,19 @@ def check_grid(config: dict) -> None:
                                 "or drop queue from train.sources")
         check_queue(QueueParams(**t["queue"]), t["batch_size"], None,
                     k if "topk" in wanted else None)
-    if "nnclr" in t["methods"] and config["nnclr"]["queue_size"] < t["batch_size"]:
-        raise PipelineError(f"config key 'nnclr.queue_size': {config['nnclr']['queue_size']} "
-                            f"is smaller than train.batch_size ({t['batch_size']}); the "
-                            "support queue must hold at least one batch")
-    if "nnclr" in t["methods"] and config["nnclr"]["k"] > config["nnclr"]["queue_size"]:
-        raise PipelineError(f"config key 'nnclr.k': {config['nnclr']['k']} is more than "
-                            f"nnclr.queue_size ({config['nnclr']['queue_size']})")
+    if "nnclr" in t["methods"]:
+        check_support_queue(config["nnclr"]["queue_size"], t["batch_size"])
+        if config["nnclr"]["k"] > config["nnclr"]["queue_size"]:
+            raise PipelineError(f"config key 'nnclr.k': {config['nnclr']['k']} is larger than "
+                                f"nnclr.queue_size ({config['nnclr']['queue_size']})")
+
+
+def check_support_queue(queue_size: int, batch: int) -> None:
+    """NNCLR's support queue must hold at least one whole batch (before any job)."""
+    if queue_size < batch:
+        raise PipelineError(f"config key 'nnclr.queue_size': {queue_size} is smaller than the "
+                            f"batch ({batch}); the queue must hold at least one batch of "
+                            "earlier projections")
 
 
 def _flatten(section: dict, prefix: str = "") -> dict[str, Any]:

@@ -7,16 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import PipelineError
+from pipeline.train.grid import check_support_queue as check_queue  # noqa: F401 - one home
 from pipeline.train.methods.heads import MLP, StepOut
 from pipeline.train.methods.simclr import check_temperature, nt_xent
-
-
-def check_queue(queue_size: int, batch: int) -> None:
-    """Before any job: the queue must hold at least one whole batch."""
-    if queue_size < batch:
-        raise PipelineError(f"config key 'nnclr.queue_size': {queue_size} is smaller than the "
-                            f"batch ({batch}); the queue must hold at least one batch of "
-                            "earlier projections")
 
 
 class NNCLR(nn.Module):
@@ -100,7 +93,7 @@ class NNCLR(nn.Module):
 
         Returns:
             StepOut with ``pairs`` = (anchor rows, queue rows chosen for view 1), only the
-            anchors that got a queue entry, and ``neighbour_use`` their share (a 0-dim tensor).
+            anchors that got another image's entry, and ``neighbour_use`` their share (0-dim).
         """
         h1 = self.encoder(v1)
         z1 = self.projector(h1)
@@ -109,10 +102,12 @@ class NNCLR(nn.Module):
         n1, rows = self.nearest(z1, g)
         n2, _ = self.nearest(z2, g)
         loss = 0.5 * (nt_xent(n1, p2, self.temperature) + nt_xent(n2, p1, self.temperature))
-        hit = rows >= 0
-        idx = idx.to(hit.device)
-        return StepOut(loss, h1.detach(), z1.detach(), pairs=(idx[hit], rows[hit]),
-                       neighbour_use=hit.float().mean())
+        # The positive may be the anchor's own earlier projection (as in the paper); the log
+        # counts only other images, as every neighbour use's does.
+        idx = idx.to(rows.device)
+        other = (rows >= 0) & (rows != idx)
+        return StepOut(loss, h1.detach(), z1.detach(), pairs=(idx[other], rows[other]),
+                       neighbour_use=other.float().mean())
 
     @torch.no_grad()
     def after_step(self, out: StepOut, idx: torch.Tensor, step: int = 0, total: int = 1) -> None:
