@@ -348,6 +348,9 @@ def main(argv=None):
     ap.add_argument("--placements", nargs="+", default=[],
                     help="PxT: P processes of T threads each at once, (a) only, aggregate "
                          "img/s (e.g. 1x2 2x1 4x1 8x1)")
+    ap.add_argument("--gemm-n", type=int, default=2048,
+                    help="side of the reference matrix product timed per precision (0: "
+                         "none; bf16 on a CPU without bf16 instructions takes minutes)")
     ap.add_argument("--e2e-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--accuracy", action="store_true", help="digits linear top-1 instead")
     ap.add_argument("--epochs", type=int, default=30)
@@ -390,10 +393,11 @@ def main(argv=None):
                 first = first or rate
                 print(f"{case:<22}{spec:<12}{rate:>10.0f}{rate / first:>9.2f}", flush=True)
         return
-    for precision in args.precisions:
+    for precision in args.precisions if args.gemm_n else ():
         dtype = step_dtype(precision, dev)
-        print(f"# {str(dtype).removeprefix('torch.')} matrix product 2048^3 on this device: "
-              f"{gemm_rate(dev, dtype):.0f} GFLOP/s (a reference for (b)'s rate)")
+        print(f"# {str(dtype).removeprefix('torch.')} matrix product {args.gemm_n}^3 on this "
+              f"device: {gemm_rate(dev, dtype, args.gemm_n):.0f} GFLOP/s (a reference for "
+              "(b)'s rate)")
     print(f"{'case':<22}{'layout':<15}{'precision':<10}{'mode':<9}{'method':<8}{'(a) e2e':>10}"
           f"{'(b) model':>10}{'GFLOP/s':>9}{'views':>9}{'(c) cpu':>10}{'loader':>9}{'a/b':>7}"
           f"{'a/c':>7}{'a/a[0]':>8}")

@@ -66,8 +66,10 @@ def table(results: Path) -> pd.DataFrame:
     per_seed = pd.read_csv(results / "linear_eval.csv")
     rows = summary[~summary["stage"].isin(REFERENCES)].copy()
     runs = per_seed[~per_seed["stage"].isin(REFERENCES)].groupby("run")
+    # Empty for runs without neighbour pairs (the column is absent when no run has any).
     rows["neighbour_purity"] = rows["run"].map(
-        runs["neighbour_purity"].apply(lambda s: pd.to_numeric(s, errors="coerce").mean()))
+        runs["neighbour_purity"].apply(lambda s: pd.to_numeric(s, errors="coerce").mean())
+    ) if "neighbour_purity" in per_seed else float("nan")
     rows["wall_seconds"] = [wall_seconds(results, run) for run in rows["run"]]
     for col in ("method", "variant", "source", "versus"):
         rows[col] = rows[col].fillna("") if col in rows else ""
@@ -98,7 +100,8 @@ def report(results: Path) -> str:
            if c.endswith("_top1")][:1]
     knn_name = f"kNN-{KNN.match(knn[0])[1]} top-1" if knn else "kNN top-1"
     methods = [m for m in dict.fromkeys(rows["method"]) if m]
-    head = (f"{'run':<36} {'source':<7} {'versus':<16} {'seeds':>5} {'linear top-1':>15} "
+    w = max([3, *rows["run"].str.len()])
+    head = (f"{'run':<{w}} {'source':<7} {'versus':<16} {'seeds':>5} {'linear top-1':>15} "
             f"{'diff vs versus [95% CI]':>25} {knn_name:>15} {'kNN diff [95% CI]':>25} "
             f"{'purity':>6} {'wall s':>6}")
     lines = [f"# {results.name}: {len(rows)} configurations, methods {', '.join(methods)}; "
@@ -109,7 +112,7 @@ def report(results: Path) -> str:
             purity = "" if pd.isna(r["neighbour_purity"]) else f"{r['neighbour_purity']:.3f}"
             wall = "-" if pd.isna(r["wall_seconds"]) else f"{r['wall_seconds']:.0f}"
             lines.append(
-                f"{r['run']:<36} {r['source'] or '-':<7} {r['versus'] or '-':<16} "
+                f"{r['run']:<{w}} {r['source'] or '-':<7} {r['versus'] or '-':<16} "
                 f"{int(r['n_seeds']):>5} {_pm(r['top1_mean'], r['top1_std']):>15} "
                 f"{_diff(r, 'top1'):>25} "
                 + (f"{_pm(r[f'{knn[0]}_mean'], r[f'{knn[0]}_std']):>15} "

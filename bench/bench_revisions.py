@@ -39,6 +39,7 @@ WORKTREE = "WORKTREE"
 # validates params against.
 PARTS = ("pipeline", "workflow")
 # Training stages: each method's baseline (a revision from before the method seam has byol).
+# Listed, not imported: a worker must import only the package of its own revision.
 METHODS = ("byol", "simclr", "nnclr")
 
 

@@ -38,9 +38,13 @@ def test_bench_byol_throughput_smoke(capsys, one_thread):
     _load("bench_byol").main(["--device", "cpu", "--batch-size", "8", "--steps", "1",
                               "--warmup", "1", "--workers", "0", "--cases", "smallconv:8:1",
                               "--layouts", "channels_last", "contiguous",
-                              "--precisions", "fp32", "bf16"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()
-            if line.startswith("smallconv:8:1")]
+                              "--precisions", "fp32", "bf16", "--gemm-n", "128"])
+    out = capsys.readouterr().out.splitlines()
+    # the reference matrix product per precision (bf16 at 2048^3 takes minutes on some CPUs)
+    assert [line.split()[1:4] for line in out if "matrix product" in line] == [
+        ["float32", "matrix", "product"], ["bfloat16", "matrix", "product"]]
+    assert all(float(line.split()[8]) > 0 for line in out if "matrix product" in line)
+    rows = [line.split() for line in out if line.startswith("smallconv:8:1")]
     assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
         (layout, precision, "eager", "byol") for layout in ("channels_last", "contiguous")
         for precision in ("fp32", "bf16")]

@@ -94,12 +94,11 @@ REFUSED = {
     "old-layout": (
         {"byol": {"variants": ["baseline"]}},
         "error: config: the training keys moved from byol: to train: (shared by every method; "
-        "byol: keeps only tau_base): byol.variants -> train.uses; and byol.sources' online is "
-        "now queue"),
+        "byol: keeps only tau_base): byol.variants -> train.uses"),
     "nnclr-queue-below-batch": (
         {"train": {"methods": ["nnclr"], "uses": ["baseline"]}, "nnclr": {"queue_size": 16}},
-        "error: config key 'nnclr.queue_size': 16 is smaller than train.batch_size (32); the "
-        "support queue must hold at least one batch"),
+        "error: config key 'nnclr.queue_size': 16 is smaller than the batch (32); the queue "
+        "must hold at least one batch of earlier projections"),
     "simclr-temperature-0": (
         {"train": {"methods": ["simclr"], "uses": ["baseline"]}, "simclr": {"temperature": 0}},
         "error: config key 'simclr.temperature': 0 is less than or equal to the minimum of 0"),

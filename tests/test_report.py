@@ -97,7 +97,7 @@ def test_report_captions_of_the_results(report):
     _, html = report
     results = _js_object(html, "results")
     chart = _text(results[f"{DS}/accuracy.png"]["caption"])
-    assert "mean ± standard deviation over the BYOL seeds" in chart
+    assert "mean ± standard deviation over the training seeds" in chart
     assert results[f"{DS}/accuracy.png"]["job_properties"]["rule"] == "figures"
     assert "paired difference" in _text(results[f"{DS}/summary.html"]["caption"])
 
@@ -133,7 +133,8 @@ def test_report_has_workflow_description(report):
     _, html = report
     desc = _text(_js_object(html, "workflow_desc"))
     assert desc, 'the Snakefile needs `report: "workflow/report/workflow.rst"`'
-    assert desc.startswith("nnbyol: BYOL whose positive pairs are enriched by nearest")
+    assert desc.startswith("nnbyol: self-supervised methods (BYOL, SimCLR, NNCLR) whose "
+                           "positive pairs are enriched by nearest neighbours")
     assert "Read the report in this order: Results" in desc
     # The data set, its image counts and the configuration used are on the landing page.
     assert "Data set synthetic: 72 images of 12×12 px, 1 channel, 3 classes" in desc
