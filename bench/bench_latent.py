@@ -8,7 +8,7 @@ Adam) on random uint8 images of the given size, for each memory layout side by s
 pipeline uses ``pipeline.device.LAYOUT``), with the floating-point rate the step reaches
 (FLOPs counted by torch's FlopCounterMode). (2) With ``--infer-steps``: the auto-decoder is
 trained on digits with the default latent params, then the codes of the test images are
-inferred from each start (``ridge``: :class:`pipeline.latent_models.RidgeStart`; ``zero``:
+inferred from each start (``ridge``: :class:`pipeline.latent.models.RidgeStart`; ``zero``:
 the prior mean) with each step count; printed are the inference's wall time in training
 epochs (of the same run, same process) and the test images' reconstruction MSE.
 """
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.augment import to_float  # noqa: E402
-from pipeline.latent_models import LATENT_MODELS, RidgeStart, build_model  # noqa: E402
+from pipeline.latent.models import LATENT_MODELS, RidgeStart, build_model  # noqa: E402
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -65,7 +65,7 @@ def train_rate(model: str, shape: tuple[int, int, int], layout: torch.memory_for
 def inference_cost(args: argparse.Namespace) -> None:
     """Train the auto-decoder on digits, then time and score test-code inference."""
     from pipeline.latent import LatentParams, load_checkpoint, train_latent
-    from pipeline.latent_models import mse_per_image
+    from pipeline.latent.models import mse_per_image
     from pipeline.prepare import PrepareParams, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
