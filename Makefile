@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Snakemake loads the local profile from profiles/default (a link to workflow/profiles/default).
 SMK := $(BIN)/snakemake
 
-.PHONY: install run test lint report bench bench-peer clean
+.PHONY: install run test lint report bench-peer clean
 install: $(VENV)/.installed-$(EXTRAS)
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
