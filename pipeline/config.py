@@ -20,6 +20,7 @@ from pipeline.schema import (  # noqa: F401 - build, check_fields, field_schema:
     build,
     check_fields,
     field_schema,
+    flatten,
     load_schema,
 )
 
@@ -155,19 +156,6 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 
 
 # What a key's schema ``pattern`` means, in words: jsonschema would print the regex.
-def flatten(section: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> flat ``{"a.b": scalar}`` with sorted keys (lists kept as values)."""
-    flat: dict[str, Any] = {}
-    for key in sorted(section):
-        value = section[key]
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def as_param(flat: dict[str, Any]) -> str:
     """Serialise stage params for a rule: one JSON string, keys sorted, so repr is stable.
 

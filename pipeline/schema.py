@@ -184,3 +184,16 @@ def build(cls: type, flat: dict[str, Any], section: str | None = None):
     if unknown:
         raise PipelineError(f"{cls.__name__}: unknown params {unknown}")
     return cls(**kwargs)
+
+
+def flatten(section: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> flat ``{"a.b": scalar}`` with sorted keys (lists kept as values)."""
+    flat: dict[str, Any] = {}
+    for key in sorted(section):
+        value = section[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

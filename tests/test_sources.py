@@ -10,6 +10,7 @@ from test_train import (
     OFF,
     IndexViews,
     history,
+    interrupted_run,
     run,
     same_weights,
     streams,
@@ -152,19 +153,10 @@ def test_queue_training_uses_neighbours_from_the_second_epoch_and_resumes_exactl
     straight = run(tmp_path, data, "straight", "probabilistic", source="queue", **kw)
     use = [float(r["neighbour_use"]) for r in history(straight)]
     assert use[0] == 0.0 and use[1] > 0.5 and use[2] > 0.5  # epoch 1 has no queries yet
-    real_stream = loop._stream
-
-    def fail_in_epoch_three(seed, epoch, stream):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_stream(seed, epoch, stream)
-
-    monkeypatch.setattr(loop, "_stream", fail_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, data, "resumed", "probabilistic", source="queue", **kw)
+    interrupted_run(monkeypatch, 2, tmp_path, data, "resumed", "probabilistic",
+                    source="queue", **kw)
     ck = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
     assert ck["run"] == f"{method}-probabilistic-queue" and ck["queue"]["ptr"] == 4 * 16 % 24
-    monkeypatch.setattr(loop, "_stream", real_stream)
     resumed = run(tmp_path, data, "resumed", "probabilistic", source="queue", **kw)
     assert same_weights(weights(straight), weights(resumed))  # the queue was restored
 

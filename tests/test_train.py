@@ -116,6 +116,22 @@ def history(path):
         return list(csv.DictReader(fh))
 
 
+def interrupted_run(monkeypatch, epoch, *args, **kw):
+    """:func:`run`, killed as Ctrl-C would kill it at the start of (0-based) ``epoch``;
+    the patch is undone before returning, so the next run resumes."""
+    real_stream = loop._stream
+
+    def killed(seed, e, stream):
+        if e == epoch:
+            raise KeyboardInterrupt("killed")
+        return real_stream(seed, e, stream)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_stream", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(*args, **kw)
+
+
 def weights(path):
     return torch.load(path, weights_only=True)["encoder"]
 
@@ -476,16 +492,7 @@ def test_method_and_use_registries_agree_with_the_schema_and_the_grid():
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data, monkeypatch,
                                                                   capsys):
     straight = run(tmp_path, data, "straight", epochs=3)
-    real_stream = loop._stream
-
-    def fail_in_epoch_three(seed, epoch, stream):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_stream(seed, epoch, stream)
-
-    monkeypatch.setattr(loop, "_stream", fail_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, data, "resumed", epochs=3)
+    interrupted_run(monkeypatch, 2, tmp_path, data, "resumed", epochs=3)
     state = tmp_path / "resumed" / "state.pt"
     assert state.exists() and not (tmp_path / "resumed" / "encoder.pt").exists()
     ck = torch.load(state, weights_only=True)
@@ -494,7 +501,6 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data,
                        "history", "provenance"}
     assert ck["run"] == "byol-baseline"
     assert {k.split(".")[0] for k in ck["model"]} == {"online", "target"}
-    monkeypatch.setattr(loop, "_stream", real_stream)
     capsys.readouterr()
     resumed = run(tmp_path, data, "resumed", epochs=3)
     assert "resuming from epoch 2" in capsys.readouterr().err
@@ -515,23 +521,13 @@ def test_every_method_resumes_bit_for_bit_after_an_interrupt(tmp_path, data, mon
     wraps within an epoch, and k = 2 makes it draw from the neighbour stream."""
     kw = dict(epochs=2, checkpoint_every=1, nnclr=NnclrParams(queue_size=24, k=2))
     straight = run(tmp_path, data, "straight", method=method, **kw)
-    real_stream = loop._stream
-
-    def killed_in_epoch_two(seed, epoch, stream):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return real_stream(seed, epoch, stream)
-
-    monkeypatch.setattr(loop, "_stream", killed_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, data, "resumed", method=method, **kw)
+    interrupted_run(monkeypatch, 1, tmp_path, data, "resumed", method=method, **kw)
     ck = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 2 and ck["run"] == f"{method}-baseline"
     assert not (tmp_path / "resumed" / "encoder.pt").exists()
     if method == "nnclr":
         # Two steps of 16 in 24 slots: full, and wrapped to slot 32 - 24.
         assert bool((ck["model"]["queue_rows"] >= 0).all()) and ck["model"]["queue_ptr"] == 8
-    monkeypatch.setattr(loop, "_stream", real_stream)
     resumed = run(tmp_path, data, "resumed", method=method, **kw)
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -566,12 +562,7 @@ def test_finished_training_whose_outputs_were_discarded_is_not_trained_again(
 
 
 def test_stale_state_for_other_params_is_ignored(tmp_path, data, monkeypatch, capsys):
-    real_stream = loop._stream
-    monkeypatch.setattr(loop, "_stream", lambda s, e, *a: (_ for _ in ()).throw(
-        KeyboardInterrupt()) if e == 1 else real_stream(s, e, *a))
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, data, "x")
-    monkeypatch.setattr(loop, "_stream", real_stream)
+    interrupted_run(monkeypatch, 1, tmp_path, data, "x")
     capsys.readouterr()
     run(tmp_path, data, "x", lr=0.001)
     assert "ignoring" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import PipelineError
+from pipeline.schema import flatten
 
 # The neighbour uses each method can take; ``pipeline.train.methods.METHODS`` names the same
 # (a test checks). byol mixes targets, so it takes every use; simclr has no target to mix,
@@ -136,17 +137,6 @@ def check_support_queue(queue_size: int, batch: int) -> None:
                             "earlier projections")
 
 
-def _flatten(section: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key in sorted(section):
-        value = section[key]
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def train_params(config: dict, run: Run) -> dict[str, Any]:
     """The flat params of one run: the shared training keys, each view's augmentation in
     full, the run's own use section (``probabilistic.p_neighbour``) and its method's section
@@ -163,4 +153,4 @@ def train_params(config: dict, run: Run) -> dict[str, Any]:
     shared = {k: v for k, v in t.items() if k not in skip}
     views = {v: {**t.get("augment", {}), **t.get(v, {})} for v in VIEWS}
     own = {run.use: t[run.use]} if run.use != "baseline" else {}
-    return _flatten({**shared, **views, **own, run.method: config[run.method]})
+    return flatten({**shared, **views, **own, run.method: config[run.method]})
