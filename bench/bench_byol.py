@@ -268,8 +268,8 @@ def accuracy(args):
     from pipeline.train.loop import train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_byol_"))
-    prepare(PrepareParams(max_train=args.max_train), tmp / "data.npz")
-    data = load_prepared(tmp / "data.npz")
+    prepare(PrepareParams(max_train=args.max_train), tmp / "prepared")
+    data = load_prepared(tmp / "prepared")
     train_set = data.subset(*TRAINING_SPLITS)
     # Neighbours in pixel space (euclidean, k=5): a stand-in for the latent-space stage.
     x = train_set.images.reshape(len(train_set.images), -1).astype(np.float32)
@@ -307,9 +307,9 @@ def accuracy(args):
             out = tmp / f"{label}-{seed}.pt"
             t0 = time.time()
             if run is None:
-                write_untrained(params.backbone, seed, tmp / "data.npz", out)
+                write_untrained(params.backbone, seed, tmp / "prepared", out)
             else:
-                train(params, run, seed, tmp / "data.npz",
+                train(params, run, seed, tmp / "prepared",
                       tmp / "nb.parquet" if run.source else None, out,
                       tmp / f"{label}-{seed}-state.pt", tmp / "h.csv", tmp / "l.png",
                       args.device)

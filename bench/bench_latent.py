@@ -70,9 +70,9 @@ def inference_cost(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = prepare(PrepareParams(name="digits"), work / "data.npz")
+        data = prepare(PrepareParams(name="digits"), work / "prepared")
         params = LatentParams(epochs=args.epochs)
-        train_latent(params, "autodecoder", work / "data.npz", work / "ad.pt", work / "c.csv",
+        train_latent(params, "autodecoder", work / "prepared", work / "ad.pt", work / "c.csv",
                      work / "l.png", work / "r.png", "cpu")
         net, state = load_checkpoint(work / "ad.pt", torch.device("cpu"))
     epoch = min(h["seconds"] for h in state["history"])

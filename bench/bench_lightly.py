@@ -4,7 +4,7 @@ machine, in one run (optional: needs `pip install -e ".[cpu,peer]"`, i.e. lightl
     .venv/bin/python bench/bench_lightly.py --epochs 20 --threads 2      # digits
     .venv/bin/python bench/bench_lightly.py --npz my.npz --epochs 20     # x_train, y_train, ...
     .venv/bin/python bench/bench_lightly.py --folder imgs --resize 28    # imgs/{train,test}/<class>
-    .venv/bin/python bench/bench_lightly.py --data results/cifar10-cpu/data.npz --epochs 10
+    .venv/bin/python bench/bench_lightly.py --data results/cifar10-cpu/prepared --epochs 10
     .venv/bin/python bench/bench_lightly.py --arms ours --epochs 2       # without lightly
     .venv/bin/python bench/bench_lightly.py --precision bf16             # our step in bf16
 
@@ -65,7 +65,7 @@ def load_data(args: argparse.Namespace, workdir: Path) -> Prepared:
         params = PrepareParams(name="imagefolder", root=str(args.folder), resize=args.resize)
     else:
         params = PrepareParams(name="digits")
-    return prepare(params, workdir / "data.npz")
+    return prepare(params, workdir / "prepared")
 
 
 class Prober:
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--folder", type=Path, default=None,
                         help="<folder>/{train,test}/<class>/<image> (or a tar(.gz) of it)")
     source.add_argument("--data", type=Path, default=None,
-                        help="a prepared data.npz (results/<tag>/data.npz); default: digits")
+                        help="a prepared prepared (results/<tag>/prepared); default: digits")
     ap.add_argument("--resize", type=int, default=None, help="--folder images to NxN pixels")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=None,

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.epochs} epochs, {args.repeats} repeat(s)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_data(args.n, args.size, tmp / "data.npz")
+        make_data(args.n, args.size, tmp / "prepared")
         roots = {r: export(r, tmp / f"rev{i}") for i, r in enumerate(args.revisions)}
         for rev, root in roots.items():  # before any stage runs
             for stage in args.stages:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rev in order:
                     work = tmp / "work" / f"{stage}-{args.revisions.index(rev)}-{rep}"
                     rates.setdefault((stage, rev), []).append(
-                        run_stage(roots[rev], stage, args, tmp / "data.npz", work))
+                        run_stage(roots[rev], stage, args, tmp / "prepared", work))
     print(f"{'stage':<20}{'revision':<14}{'img/s':>9}{'x first':>9}")
     for stage in args.stages:
         first = None

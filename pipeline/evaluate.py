@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline import PipelineError
 from pipeline.features import latent_features, pixel_features
-from pipeline.io import Prepared, load_prepared, provenance, write_json
+from pipeline.io import Prepared, is_prepared, load_prepared, provenance, write_json
 
 
 @dataclass
@@ -148,11 +148,11 @@ def pca_map(
 def features_for(source: str | Path, data: Prepared, device: str) -> tuple[np.ndarray, dict]:
     """Features of every prepared image from a source chosen by its file type.
 
-    ``.npz`` is the prepared set itself (raw pixels), ``.parquet`` a latent export,
+    The prepared folder itself means raw pixels, ``.parquet`` a latent export,
     ``.pt`` an encoder checkpoint of any method (or the untrained control).
     """
     source = Path(source)
-    if source.suffix == ".npz":
+    if is_prepared(source):
         return pixel_features(data), {}
     if source.suffix == ".parquet":
         return latent_features(source, data)
@@ -160,7 +160,7 @@ def features_for(source: str | Path, data: Prepared, device: str) -> tuple[np.nd
         from pipeline.train.encoder import encode_checkpoint
 
         return encode_checkpoint(source, data, device)
-    raise PipelineError(f"cannot evaluate {source}: expected .npz, .parquet or .pt")
+    raise PipelineError(f"cannot evaluate {source}: expected the prepared folder, .parquet or .pt")
 
 
 # The results table's identifying columns; a checkpoint carries its run's own.
@@ -171,10 +171,9 @@ def run_columns(source: str | Path, summary: dict) -> dict:
     """What the row is, from what was evaluated (never parsed back out of the run name):
     raw pixels, a latent space (its model from the file's metadata), or a trained encoder
     (the method, use, source and round its checkpoint records)."""
-    suffix = Path(source).suffix
-    if suffix == ".npz":
+    if is_prepared(source):
         return {"stage": "pixels"}
-    if suffix == ".parquet":
+    if Path(source).suffix == ".parquet":
         return {"stage": "latent", "latent": summary.get("model", "")}
     return {k: summary.pop(k) for k in RUN_COLUMNS if k in summary}
 

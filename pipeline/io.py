@@ -41,9 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             reason = e.strerror or str(e) or type(e).__name__
             raise PipelineError(f"cannot write {shown_path(path)}: {reason}") from None
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -72,11 +70,14 @@ class Prepared:
     """The canonical prepared data set.
 
     Attributes:
-        images: uint8 array (N, H, W, C).
+        images: uint8 array (N, H, W, C); a read-only memory map of ``images.npy`` when
+            loaded from a prepared folder, so that only the rows a stage touches are read.
         labels: int64 array (N,), -1 where unknown.
         split: str array (N,) with values in ``SPLITS``.
         ids: int64 array (N,), unique and stable across runs.
         classes: class names, indexed by label.
+        paths: str array (N,): each image's source file (inside the folder or archive it
+            was read from), or "" where the source has no files (digits, torchvision sets).
     """
 
     images: np.ndarray
@@ -84,12 +85,21 @@ class Prepared:
     split: np.ndarray
     ids: np.ndarray
     classes: list[str]
+    paths: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.paths is None:
+            self.paths = np.full(len(self.ids), "", dtype=object)
 
     def subset(self, *splits: str) -> Prepared:
+        """The rows of ``splits``, in memory (a copy of their images)."""
         mask = np.isin(self.split, splits)
-        return Prepared(
-            self.images[mask], self.labels[mask], self.split[mask], self.ids[mask], self.classes
-        )
+        return Prepared(self.images[mask], self.labels[mask], self.split[mask], self.ids[mask],
+                        self.classes, self.paths[mask])
+
+    def rows(self, *splits: str) -> np.ndarray:
+        """Row positions of ``splits``: index ``images`` with slices of them to read in chunks."""
+        return np.flatnonzero(np.isin(self.split, splits))
 
     def check(self) -> None:
         """Raise PipelineError if arrays disagree in shape, type or content."""
@@ -98,7 +108,7 @@ class Prepared:
             raise PipelineError(
                 f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}"
             )
-        for name in ("labels", "split", "ids"):
+        for name in ("labels", "split", "ids", "paths"):
             if len(getattr(self, name)) != n:
                 raise PipelineError(f"{name} has {len(getattr(self, name))} rows, images have {n}")
         if len(np.unique(self.ids)) != n:
@@ -113,33 +123,168 @@ class Prepared:
             )
 
 
-def save_prepared(path: str | os.PathLike, data: Prepared) -> None:
+# The prepared set is a folder: images.npy (uint8 N x H x W x C, uncompressed, so every
+# stage memory-maps it) and meta.parquet (one row per image: id, split, label, path; the
+# class names and the format in its metadata).
+PREPARED_FORMAT = "nnbyol-prepared/1"
+IMAGES_FILE, META_FILE = "images.npy", "meta.parquet"
+CHUNK = 4096  # rows a bounded-memory stage reads at a time
+
+
+class PreparedWriter:
+    """Write a prepared folder in bounded memory, atomically.
+
+    :meth:`write` puts rows of the final (N, H, W, C) array into ``images.npy`` of a
+    temporary folder beside ``path``, in any order, with plain file writes (a writable memory
+    map would keep every written page resident); :meth:`finish` writes the metadata and
+    renames the folder onto ``path``. Leaving the ``with`` block without :meth:`finish` (an
+    error, a kill) removes the temporary folder: nothing half-written looks complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, n: int, shape: tuple[int, int, int]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                         dir=self.path.parent))
+        self.n, self.shape = int(n), tuple(int(s) for s in shape)
+        self.row_bytes = int(np.prod(self.shape))
+        try:
+            self._fh = open(self.tmp / IMAGES_FILE, "wb")
+            np.lib.format.write_array_header_2_0(self._fh, {
+                "descr": "|u1", "fortran_order": False, "shape": (self.n, *self.shape)})
+            self._offset = self._fh.tell()
+            self._fh.truncate(self._offset + self.n * self.row_bytes)
+        except OSError as e:
+            self._cleanup()
+            raise PipelineError(f"cannot write {shown_path(self.path)}: "
+                                f"{e.strerror or e}") from None
+
+    def __enter__(self) -> PreparedWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self._cleanup()
+        if isinstance(value, OSError):
+            raise PipelineError(f"cannot write {shown_path(self.path)}: "
+                                f"{value.strerror or value}") from None
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        if getattr(self, "_fh", None) is not None:
+            self._fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write uint8 ``rows`` (M, H, W, C) at rows ``start`` to ``start + M``."""
+        rows = np.ascontiguousarray(rows, dtype=np.uint8)
+        if rows.shape[1:] != self.shape or start < 0 or start + len(rows) > self.n:
+            raise PipelineError(f"prepared rows {start}..{start + len(rows)} of shape "
+                                f"{rows.shape[1:]} do not fit ({self.n}, *{self.shape})")
+        self._fh.seek(self._offset + start * self.row_bytes)
+        self._fh.write(rows.data)
+
+    def finish(self, labels: np.ndarray, split: np.ndarray, ids: np.ndarray,
+               classes: list[str], paths: np.ndarray | None = None) -> Prepared:
+        """Check the set, write ``meta.parquet`` and move the folder onto ``path``."""
+        import shutil
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._fh.close()
+        self._fh = None
+        images = np.load(self.tmp / IMAGES_FILE, mmap_mode="r")
+        data = Prepared(images, np.asarray(labels, np.int64), np.asarray(split).astype(str),
+                        np.asarray(ids, np.int64), list(classes),
+                        None if paths is None else np.asarray(paths, dtype=object))
+        data.check()
+        table = pa.table({
+            "id": pa.array(data.ids, pa.int64()),
+            "split": pa.array(data.split.tolist(), pa.string()),
+            "label": pa.array(data.labels, pa.int64()),
+            "path": pa.array([str(p) for p in data.paths], pa.string()),
+        }).replace_schema_metadata({
+            b"format": PREPARED_FORMAT.encode(),
+            b"classes": json.dumps(data.classes).encode(),
+            b"shape": json.dumps([self.n, *self.shape]).encode(),
+        })
+        try:
+            pq.write_table(table, self.tmp / META_FILE)
+            os.chmod(self.tmp, 0o777 & ~_umask())
+            old = None
+            if self.path.is_dir():  # moved aside, then removed: the new set appears at once
+                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old",
+                                            dir=self.path.parent))
+                os.replace(self.path, old / "set")
+            elif self.path.exists():
+                raise PipelineError(f"cannot write {shown_path(self.path)}: a file is in the "
+                                    "way of the prepared folder; move it")
+            os.replace(self.tmp, self.path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            raise PipelineError(f"cannot write {shown_path(self.path)}: "
+                                f"{e.strerror or e}") from None
+        return load_prepared(self.path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def save_prepared(path: str | os.PathLike, data: Prepared) -> Prepared:
+    """Write an in-memory :class:`Prepared` as a prepared folder (see :class:`PreparedWriter`)."""
     data.check()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                images=data.images,
-                labels=data.labels.astype(np.int64),
-                split=data.split.astype("U9"),
-                ids=data.ids.astype(np.int64),
-                # Sized to the longest name: a fixed width (once U64) cut names and merged them.
-                classes=np.asarray(data.classes, dtype=str),
-            )
+    with PreparedWriter(path, len(data.images), data.images.shape[1:]) as w:
+        for start in range(0, len(data.images), CHUNK):
+            w.write(start, data.images[start:start + CHUNK])
+        return w.finish(data.labels, data.split, data.ids, data.classes, data.paths)
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a prepared set (a stage reading it as a source reads pixels)."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".npz"
 
 
 def load_prepared(path: str | os.PathLike) -> Prepared:
+    """The prepared set at ``path``: a prepared folder (images memory-mapped, read lazily) or
+    the older single ``data.npz`` (read whole, as before)."""
     path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"prepared data set not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        return Prepared(
-            images=z["images"],
-            labels=z["labels"],
-            split=z["split"].astype(str),
-            ids=z["ids"],
-            classes=[str(c) for c in z["classes"]],
-        )
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return Prepared(images=z["images"], labels=z["labels"],
+                            split=z["split"].astype(str), ids=z["ids"],
+                            classes=[str(c) for c in z["classes"]])
+    if not path.is_dir():
+        raise PipelineError(f"prepared data set not found: {shown_path(path)}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path / META_FILE)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        images = np.load(path / IMAGES_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, pa.ArrowInvalid) as e:
+        raise PipelineError(f"{shown_path(path)}: damaged prepared set ({e}); run prepare "
+                            "again") from None
+    if meta.get("format") != PREPARED_FORMAT:
+        raise PipelineError(f"{shown_path(path)}: prepared format {meta.get('format')!r}, this "
+                            f"code reads {PREPARED_FORMAT!r}; run prepare again")
+    if images.shape[0] != table.num_rows or images.ndim != 4:
+        raise PipelineError(f"{shown_path(path)}: {IMAGES_FILE} holds {images.shape} but "
+                            f"{META_FILE} {table.num_rows} rows; run prepare again")
+    return Prepared(
+        images=images,
+        labels=table.column("label").to_numpy().astype(np.int64),
+        split=np.asarray(table.column("split").to_pylist(), dtype=str),
+        ids=table.column("id").to_numpy().astype(np.int64),
+        classes=json.loads(meta["classes"]),
+        paths=np.asarray(table.column("path").to_pylist(), dtype=object),
+    )
 
 
 def write_latents(path: str | Path, data: Prepared, vectors: np.ndarray,
@@ -161,6 +306,8 @@ def write_latents(path: str | Path, data: Prepared, vectors: np.ndarray,
         "id": pa.array(data.ids.astype(np.int64), pa.int64()),
         "split": pa.array(data.split.astype(str).tolist(), pa.string()),
         "label": pa.array(data.labels.astype(np.int64), pa.int64()),
+        # The image's source file, so that a vector can be traced back to it ("" if none).
+        "path": pa.array([str(p) for p in data.paths], pa.string()),
         "latent": pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.astype(np.float32).reshape(-1), pa.float32()), dim),
     }).replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})

@@ -33,7 +33,7 @@ def test_checkout_path_with_space_and_command_runs_quoted_in_strict_mode(tmp_pat
                  '\nrule unset:\n    output: "unset.txt"\n'
                  '    shell: "echo $NNBYOL_NEVER_SET > {output}"\n'
                  '\nrule pipe:\n    output: "pipe.txt"\n    shell: "false | cat > {output}"\n')
-    wf.run("results/synthetic/data.npz", "probe.txt")
+    wf.run("results/synthetic/prepared", "probe.txt")
     assert (path / "probe.txt").read_text().strip() == str(path / "pipeline" / "__init__.py")
     assert "prepared 72 images" in (path / "results/synthetic/logs/prepare.log").read_text()
     proc = wf.run("--keep-going", "unset.txt", "pipe.txt", check=False)
@@ -67,7 +67,7 @@ def test_k_not_below_the_training_images_fails_before_any_training(tmp_path):
     proc = wf.run(check=False)
     assert proc.returncode != 0
     assert ("error: neighbours.k = 57 must be less than the number of training images (57) "
-            "in results/synthetic/data.npz") in proc.stdout + proc.stderr
+            "in results/synthetic/prepared") in proc.stdout + proc.stderr
     results = tmp_path / "results" / "synthetic"
     assert not (results / "data_checked.json").exists()
     trained = [p for name in ("model.pt", "neighbours.parquet", "state.pt", "encoder.pt")
@@ -84,7 +84,7 @@ def test_a_single_class_set_fails_at_the_data_check_before_any_training(tmp_path
         dataset={"name": "npz", "root": str(tmp_path / "one.npz")}))
     proc = wf.run(check=False)
     assert proc.returncode != 0
-    assert ("error: results/npz/data.npz: the labelled training images are all of one class "
+    assert ("error: results/npz/prepared: the labelled training images are all of one class "
             "(label 0); the evaluation needs at least 2 classes") in proc.stdout + proc.stderr
     results = tmp_path / "wf" / "results" / "npz"
     made = [p.relative_to(results) for p in results.rglob("*")

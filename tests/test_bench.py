@@ -283,12 +283,12 @@ def test_bench_revisions_trains_byol_in_a_revision_from_before_the_method_seam(t
     (tmp_path / "old" / "pipeline" / "byol.py").write_text(OLD_BYOL)
     bench = _load("bench_revisions")
     args = bench.argparse.Namespace(n=64, epochs=3, threads=1)
-    rate = bench.run_stage(tmp_path / "old", "byol", args, tmp_path / "data.npz",
+    rate = bench.run_stage(tmp_path / "old", "byol", args, tmp_path / "prepared",
                            tmp_path / "work")
     assert rate == 64 / 0.5  # from that revision's own per-epoch seconds
     with pytest.raises(SystemExit, match=r"this revision trains BYOL only \(pipeline/byol.py\), "
                                          r"not simclr"):
-        bench.run_stage(tmp_path / "old", "simclr", args, tmp_path / "data.npz",
+        bench.run_stage(tmp_path / "old", "simclr", args, tmp_path / "prepared",
                         tmp_path / "work2")
 
 

@@ -14,7 +14,7 @@ from pipeline.train.encoder import encode_checkpoint, write_untrained
 
 @pytest.fixture
 def encoder(tmp_path, one_thread):
-    data = tmp_path / "data.npz"
+    data = tmp_path / "prepared"
     prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
         classes=3, per_class=8, size=12, channels=3)), data)
     out = tmp_path / "encoder.pt"

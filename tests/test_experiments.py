@@ -28,7 +28,7 @@ def test_a_configfile_replaces_config_yaml_and_gets_schema_defaults(workflow):
     assert params["view1.crop_min_scale"] == 0.3 and params["view2.flip_prob"] == 0.5
     assert params["view1.blur_prob"] == 1.0 and params["view2.solarize_prob"] == 0.2
     # Its own folder, named after the config file, and the schema's three seeds.
-    assert "results/mine/data.npz" in text and "results/digits" not in text
+    assert "results/mine/prepared" in text and "results/digits" not in text
     assert {f"--seed {s}" for s in range(3)} <= set(re.findall(r"--seed \d", text))
 
 
@@ -102,16 +102,16 @@ def test_same_named_configs_in_two_folders_never_overwrite_each_other(workflow):
     workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", first)
     proc = workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", second,
                         "--config", 'dataset={"tag": "b-exp"}')
-    assert "results/b-exp/data.npz" in proc.stdout
+    assert "results/b-exp/prepared" in proc.stdout
 
 
 def test_experiments_laid_out_as_name_slash_config_yaml_get_the_folder_name(workflow):
     mine = _write(workflow.path / "experiments" / "mine" / "config.yaml", tiny_config(**SMALL))
     proc = workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", mine)
-    assert "results/mine/data.npz" in proc.stdout
+    assert "results/mine/prepared" in proc.stdout
     # The workflow's own config.yaml, named explicitly, is the default experiment.
     proc = workflow.run("--dry-run", "results/linear_eval.csv", "--configfile", "config.yaml")
-    assert "results/synthetic/data.npz" in proc.stdout
+    assert "results/synthetic/prepared" in proc.stdout
     assert not (workflow.path / "results").exists()  # a dry run claims no folder
 
 

@@ -28,7 +28,7 @@ pytestmark = [
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpu")
     prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
-        classes=3, per_class=40, size=32, channels=3)), d / "data.npz")
+        classes=3, per_class=40, size=32, channels=3)), d / "prepared")
     return d
 
 
@@ -55,10 +55,10 @@ def test_cpu_and_cuda_draw_the_same_views_from_the_same_cpu_generator():
 
 def test_latent_neighbours_and_byol_on_cuda(tiny):
     d = tiny
-    train_latent(LatentParams(dim=8, epochs=2, width=8, batch_size=32), "ae", d / "data.npz",
+    train_latent(LatentParams(dim=8, epochs=2, width=8, batch_size=32), "ae", d / "prepared",
                  d / "ae.pt", d / "ae.csv", d / "ae.png", d / "ae_recon.png", "cuda")
-    export_latents(d / "ae.pt", d / "data.npz", d / "latents.parquet", "cuda", "gpu-test")
-    find_neighbours(NeighboursParams(k=3), d / "latents.parquet", d / "data.npz", "cosine",
+    export_latents(d / "ae.pt", d / "prepared", d / "latents.parquet", "cuda", "gpu-test")
+    find_neighbours(NeighboursParams(k=3), d / "latents.parquet", d / "prepared", "cosine",
                     d / "nb.parquet", d / "grid.png", "cuda")
     ids, nb, dist, meta = load_neighbours(d / "nb.parquet")
     assert nb.shape == (len(ids), 3) and np.isfinite(dist).all()
@@ -66,11 +66,11 @@ def test_latent_neighbours_and_byol_on_cuda(tiny):
     params = TrainParams(backbone="resnet18_cifar", epochs=2, batch_size=32, proj_dim=16,
                          proj_hidden=32, warmup_epochs=1, checkpoint_every=1,
                          weighted=WeightedParams(0.5))
-    train(params, Run("byol", "weighted", "latent", "ae", "cosine"), 0, d / "data.npz",
+    train(params, Run("byol", "weighted", "latent", "ae", "cosine"), 0, d / "prepared",
           d / "nb.parquet", d / "enc.pt", d / "state.pt", d / "hist.csv", d / "loss.png", "cuda")
     # The finished state is kept as the encoder's hard link (a re-run only rewrites outputs).
     assert (d / "enc.pt").samefile(d / "state.pt")
-    data = load_prepared(d / "data.npz")
+    data = load_prepared(d / "prepared")
     gpu_feats, summary = encode_checkpoint(d / "enc.pt", data, "cuda")
     cpu_feats, _ = encode_checkpoint(d / "enc.pt", data, "cpu")
     assert gpu_feats.shape == cpu_feats.shape == (len(data.ids), 512)
@@ -97,7 +97,7 @@ def test_queue_neighbour_run_trains_on_cuda(tiny, tmp_path):
     p = TrainParams(backbone="smallconv", epochs=2, batch_size=32, proj_dim=8, proj_hidden=16,
                     warmup_epochs=1, probabilistic=ProbabilisticParams(1.0),
                     queue=QueueParams(queue_size=64, k=3))
-    train(p, Run("byol", "probabilistic", "queue"), 0, tiny / "data.npz", None,
+    train(p, Run("byol", "probabilistic", "queue"), 0, tiny / "prepared", None,
           tmp_path / "e.pt", tmp_path / "s.pt", tmp_path / "h.csv", tmp_path / "l.png", "cuda")
     assert torch.load(tmp_path / "e.pt", weights_only=True)["summary"]["device"].startswith(
         "cuda")
@@ -117,7 +117,7 @@ def test_contrastive_methods_train_on_cuda_and_resume(tiny, tmp_path, monkeypatc
 
     def go(name):
         d = tmp_path / name
-        train(p, Run(method), 0, tiny / "data.npz", None, d / "e.pt", d / "s.pt", d / "h.csv",
+        train(p, Run(method), 0, tiny / "prepared", None, d / "e.pt", d / "s.pt", d / "h.csv",
               d / "l.png", "cuda")
         return torch.load(d / "e.pt", weights_only=True)
 

@@ -40,7 +40,7 @@ def _single_thread(one_thread):
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
     # low pixel noise, so that a VAE's loss visibly falls within a few dozen steps
-    path = tmp_path_factory.mktemp("data") / "data.npz"
+    path = tmp_path_factory.mktemp("data") / "prepared"
     prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
         classes=3, per_class=20, size=8, noise=0.05)), path)
     return path

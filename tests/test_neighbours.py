@@ -154,8 +154,8 @@ def prepared(tmp_path):
     labels = np.where(split == "unlabeled", -1, labels).astype(np.int64)
     ids = (np.arange(n, dtype=np.int64) * 7 + 100)[rng.permutation(n)]
     data = Prepared(images, labels, split, ids, CLASSES)
-    save_prepared(tmp_path / "data.npz", data)
-    return data, tmp_path / "data.npz"
+    save_prepared(tmp_path / "prepared", data)
+    return data, tmp_path / "prepared"
 
 
 def write_latents(path, data: Prepared, *, drop=(), nan_rows=()):
@@ -332,7 +332,7 @@ def test_gate_flags_a_noise_latent_space_against_clean_pixels(tmp_path, capsys):
     images = (rng.random((n, 6, 6, 1)) * 40 + labels[:, None, None, None] * 100).astype(np.uint8)
     data = Prepared(images, labels.astype(np.int64), np.array(["train"] * n),
                     np.arange(n, dtype=np.int64), CLASSES)
-    npz = tmp_path / "data.npz"
+    npz = tmp_path / "prepared"
     save_prepared(npz, data)
     good = np.eye(3, dtype=np.float32)[labels] * 5 + rng.normal(size=(n, 3)).astype(np.float32)
     noise = rng.normal(size=(n, 8)).astype(np.float32)

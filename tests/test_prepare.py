@@ -541,15 +541,15 @@ def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(tmp_path)
     import subprocess
     import sys
 
-    out = tmp_path / "results" / "data.npz"
+    out = tmp_path / "results" / "prepared"
     cmd = [sys.executable, "-m", "pipeline", "prepare", "--out", str(out),
            "--params", json.dumps({"name": "digits"})]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path,
                           preexec_fn=_file_size_limit(20_000), timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: cannot write results/data.npz: File too large"]
-    assert list(out.parent.iterdir()) == []  # neither data.npz nor its temporary file
+        "error: cannot write results/prepared: File too large"]
+    assert list(out.parent.iterdir()) == []  # neither prepared nor its temporary file
 
 
 def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):

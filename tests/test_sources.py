@@ -51,7 +51,7 @@ def write_table(path, ids, offsets, distances=None):
 
 @pytest.fixture
 def data(tmp_path):
-    return write_data(tmp_path / "data.npz")
+    return write_data(tmp_path / "prepared")
 
 
 # ------------------------------------------------------------------- filters
@@ -274,7 +274,7 @@ def test_dag_chains_refresh_rounds_and_adds_queue_runs(workflow):
     R = "results/synthetic"
     for rnd, prev in ((2, "byol-weighted-ae-cosine"), (3, "byol-weighted-ae-cosine-r2")):
         name = f"byol-weighted-ae-cosine-r{rnd}"
-        assert (f"--source {R}/train/{prev}/seed0/features.parquet --data {R}/data.npz "
+        assert (f"--source {R}/train/{prev}/seed0/features.parquet --data {R}/prepared "
                 f"--out {R}/neighbours/refresh/{name}/seed0/neighbours.parquet") in out
         assert (f"train --method byol --use weighted --source refresh --round {rnd} --space ae "
                 f"--metric cosine --neighbours {R}/neighbours/refresh/{name}/seed0/"

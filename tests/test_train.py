@@ -43,7 +43,7 @@ def _single_thread(one_thread):
 
 @pytest.fixture
 def data(tmp_path):
-    return write_data(tmp_path / "data.npz")
+    return write_data(tmp_path / "prepared")
 
 
 def write_data(path, labels=None):

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline import PipelineError
 from pipeline.features import align, pixel_features
-from pipeline.io import TRAINING_SPLITS, Prepared, load_prepared, read_latents
+from pipeline.io import TRAINING_SPLITS, Prepared, is_prepared, load_prepared, read_latents
 
 
 def training_images(data: str | Path, k: int) -> tuple[Prepared, Prepared]:
@@ -27,7 +27,7 @@ def training_images(data: str | Path, k: int) -> tuple[Prepared, Prepared]:
 def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str, str]]:
     """Vectors of the training images of ``data``, in its order; plus space name and metadata.
 
-    ``source`` is a latent export (``.parquet``) or the prepared set itself (``.npz``: raw
+    ``source`` is a latent export (``.parquet``) or the prepared set itself (its folder: raw
     pixels flattened to float32 in [0, 1]).
 
     Returns:
@@ -35,10 +35,10 @@ def load_source(source: Path, data: Prepared) -> tuple[np.ndarray, str, dict[str
     """
     source = Path(source)
     train = np.isin(data.split, TRAINING_SPLITS)
-    if source.suffix == ".npz":
+    if is_prepared(source):
         return pixel_features(data.subset(*TRAINING_SPLITS)), "pixels", {}
     if source.suffix != ".parquet":
-        raise PipelineError(f"cannot read neighbours source {source}: expected .parquet or .npz")
+        raise PipelineError(f"cannot read neighbours source {source}: expected .parquet or the prepared folder")
     if not source.exists():
         raise PipelineError(f"latents not found: {source}")
     ids, x, meta = read_latents(source)

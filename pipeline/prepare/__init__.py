@@ -48,7 +48,7 @@ def _subsample(data: Prepared, split: str, limit: int | None, seed: int) -> Prep
     keep = np.ones(len(data.ids), dtype=bool)
     keep[drop] = False
     return Prepared(data.images[keep], data.labels[keep], data.split[keep], data.ids[keep],
-                    data.classes)
+                    data.classes, data.paths[keep])
 
 
 def check_source(p: PrepareParams) -> None:

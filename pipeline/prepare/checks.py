@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.io import TRAINING_SPLITS, Prepared, write_json
+from pipeline.io import TRAINING_SPLITS, Prepared, load_prepared, write_json
 
 
 def summary_line(data: Prepared) -> str:
@@ -25,13 +25,13 @@ def check_data(data: str | Path, out: str | Path, k: int | None,
     """Checks that need the prepared data, run before any training; write ``out`` if all pass.
 
     Args:
-        data: prepared ``data.npz``; only its split and label arrays are read.
+        data: the prepared folder; only its metadata is read.
         out: JSON marker with the counts checked.
         k: ``neighbours.k`` when neighbours are mined, else None.
         queue_size: ``train.queue.queue_size`` when the queue source is used, else None.
     """
-    with np.load(data, allow_pickle=False) as z:  # lazy: the images stay on disk
-        split, labels, ids = z["split"].astype(str), z["labels"], z["ids"]
+    prepared = load_prepared(data)  # the images stay on disk (a memory map)
+    split, labels, ids = prepared.split, prepared.labels, prepared.ids
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         twice = unique[counts > 1]

@@ -59,7 +59,7 @@ def write_untrained(backbone: str, seed: int, data: Path, out: Path) -> None:
     Args:
         backbone: ``train.backbone`` (``auto`` resolved by the image side).
         seed: the run's seed.
-        data: prepared ``data.npz``; its training images fix channels, size and statistics.
+        data: the prepared folder; its training images fix channels, size and statistics.
         out: ``encoder.pt`` to write.
     """
     train = load_prepared(data).subset(*TRAINING_SPLITS)

@@ -206,7 +206,7 @@ def train(
         params: stage params (shared keys plus the run's use and method sections).
         run: method, neighbour use and source (:class:`pipeline.train.grid.Run`).
         seed: fixes initialisation, batch order, augmentations and neighbour draws.
-        data: prepared ``data.npz``.
+        data: the prepared folder.
         neighbours: ``neighbours.parquet`` of an offline source (latent, refresh), else None.
         out: encoder checkpoint to write (``encoder.pt``).
         state: resumable checkpoint; resumed from when it matches. At the end it holds the

@@ -147,7 +147,7 @@ def train_dir(run, seed):
 def neighbours_source(wildcards):
     """Raw-pixel neighbours read the prepared set; the others a latent export."""
     if wildcards.space == "pixels":
-        return f"{R}/data.npz"
+        return f"{R}/prepared"
     return f"{R}/latent/{wildcards.space}/latents.parquet"
 
 

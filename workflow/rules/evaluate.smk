@@ -1,7 +1,7 @@
 rule evaluate_pixels:
     """Linear probe on standardised raw pixels: the floor every representation must beat."""
     input:
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         code=code_of("evaluate"),
     output:
@@ -26,7 +26,7 @@ rule evaluate_latent:
     """Linear probe on a latent space itself, before training uses it."""
     input:
         source=f"{R}/latent/{{model}}/latents.parquet",
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         code=code_of("evaluate"),
     output:
@@ -53,7 +53,7 @@ rule evaluate_train:
     and kNN."""
     input:
         source=train_encoder,
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         code=code_of("evaluate"),
     output:
         os.path.join(R, "eval", "{run}", "seed{seed}.json"),
@@ -85,7 +85,7 @@ rule aggregate:
     input:
         runs=linear_eval_inputs,
         purity=purity_table,
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         code=code_of("aggregate"),
     output:
         table=report(f"{R}/linear_eval.csv", caption="../report/linear_eval.rst",
@@ -123,7 +123,7 @@ rule figures:
     """Every figure of the report's results pages, from the tables, metrics and histories."""
     input:
         summary=f"{R}/summary.csv",
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         evals=linear_eval_inputs,
         histories=train_histories,
         code=code_of("figures"),

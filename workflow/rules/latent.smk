@@ -1,7 +1,7 @@
 rule train_latent:
     """Learn a latent space (auto-decoder, auto-encoder or VAE) on the training images."""
     input:
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         code=code_of("train-latent"),
     output:
@@ -46,7 +46,7 @@ rule export_latents:
     """One Parquet row per image (train and test) with its latent vector."""
     input:
         model=f"{R}/latent/{{model}}/model.pt",
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         code=code_of("export-latents"),
     output:
         f"{R}/latent/{{model}}/latents.parquet",

@@ -2,7 +2,7 @@ rule neighbours:
     """k nearest training neighbours of every training image in one space and metric (FAISS)."""
     input:
         source=neighbours_source,
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         code=code_of("neighbours"),
     output:
@@ -39,7 +39,7 @@ rule neighbours:
 use rule neighbours as neighbours_refresh with:
     input:
         source=refresh_features,
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         code=code_of("neighbours"),
     output:

@@ -3,7 +3,7 @@ rule prepare:
     input:
         code=code_of("prepare"),
     output:
-        f"{R}/data.npz",
+        directory(f"{R}/prepared"),
     params:
         cfg=params_of("prepare"),
     conda:
@@ -26,7 +26,7 @@ CHECKED = f"{R}/data_checked.json"
 rule check_data:
     """Checks that need the prepared data (neighbours.k, labels) before any training starts."""
     input:
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         code=code_of("check-data"),
     output:
         CHECKED,

@@ -10,7 +10,7 @@
 rule train:
     """One run of the grid: a method, a neighbour use and a source, looked up by name."""
     input:
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         neighbours=train_neighbours,
         code=code_of("train"),
@@ -52,7 +52,7 @@ rule train:
 rule untrained:
     """The randomly initialised encoder: the control that shows what training added."""
     input:
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         checked=ancient(CHECKED),
         code=code_of("untrained"),
     output:
@@ -77,7 +77,7 @@ rule embed:
     results/<tag>/train/<run>/seed<N>/features.parquet)."""
     input:
         encoder=f"{R}/train/{{name}}/seed{{seed}}/encoder.pt",
-        data=f"{R}/data.npz",
+        data=f"{R}/prepared",
         code=code_of("embed"),
     output:
         f"{R}/train/{{name}}/seed{{seed}}/features.parquet",
