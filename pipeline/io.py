@@ -97,6 +97,13 @@ class Prepared:
         return Prepared(self.images[mask], self.labels[mask], self.split[mask], self.ids[mask],
                         self.classes, self.paths[mask])
 
+    def view(self, *splits: str) -> Prepared:
+        """The rows of ``splits`` without reading their images: ``images`` is a
+        :class:`RowView`, read from disk only where indexed."""
+        rows = self.rows(*splits)
+        return Prepared(RowView(self.images, rows), self.labels[rows], self.split[rows],
+                        self.ids[rows], self.classes, self.paths[rows])
+
     def rows(self, *splits: str) -> np.ndarray:
         """Row positions of ``splits``: index ``images`` with slices of them to read in chunks."""
         return np.flatnonzero(np.isin(self.split, splits))
@@ -121,6 +128,28 @@ class Prepared:
                 f"labels out of range [-1, {len(self.classes) - 1}]: "
                 f"min {self.labels.min()}, max {self.labels.max()}"
             )
+
+
+class RowView:
+    """Rows ``rows`` of an (N, ...) array (a memory map), read only where indexed: a lazy
+    ``array[rows]``. Indexing with a slice or an integer array returns an in-memory copy."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *array.shape[1:])
+        self.dtype, self.ndim = array.dtype, array.ndim
+        self.nbytes = int(np.prod(self.shape)) * array.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = self.rows[key]
+        if np.ndim(rows) == 0:
+            return np.array(self.array[int(rows)])
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and (np.diff(rows) == 1).all():
+            return np.array(self.array[rows[0]:rows[-1] + 1])  # one contiguous read
+        return np.asarray(self.array[rows])
 
 
 # The prepared set is a folder: images.npy (uint8 N x H x W x C, uncompressed, so every

@@ -778,3 +778,42 @@ def test_a_batch_larger_than_the_training_set_is_clamped_with_a_warning_and_a_no
     assert summary["notes"] == "train.batch_size 64 clamped to the 40 training images"
     _, fits = encode_checkpoint(run(tmp_path, data, "fits"), load_prepared(data), "cpu")
     assert "notes" not in fits
+
+
+@pytest.mark.parametrize("method,use", [("byol", "weighted"), ("nnclr", "baseline")])
+def test_streamed_feed_trains_exactly_as_the_resident_one(tmp_path, data, neighbours, method,
+                                                           use):
+    """A training set above train.device_memory_share is streamed from the memory-mapped
+    prepared set; the same seed draws the same images in the same order: same weights."""
+    nb = neighbours if use != "baseline" else None
+    kw = dict(method=method, use=use, nb=nb, batch_size=8)  # five steps an epoch: prefetches
+    resident = run(tmp_path, data, "resident", **kw)
+    streamed = run(tmp_path, data, "streamed", device_memory_share=1e-12, **kw)
+    a = torch.load(resident, weights_only=True)
+    b = torch.load(streamed, weights_only=True)
+    assert (a["summary"]["feed"], b["summary"]["feed"]) == ("resident", "streamed")
+    for name, w in a["encoder"].items():
+        assert torch.equal(w, b["encoder"][name]), name
+    assert [r["loss"] for r in history(resident)] == [r["loss"] for r in history(streamed)]
+
+
+def test_streamed_images_read_the_rows_asked_for_in_batch_order(tmp_path, data):
+    from pipeline.train.feed import StreamedImages
+
+    view = load_prepared(data).view("train").images
+    images = StreamedImages(view, torch.device("cpu"))
+    idx = torch.tensor([7, 3, 39, 3, 0])
+    images.prefetch(idx.clone())
+    got = images[idx]  # equal indices, another tensor: the prefetched read
+    assert torch.equal(got, torch.from_numpy(view[:][idx.numpy()]))
+    assert images[idx] is got  # the second anchor view of a step reads nothing
+    assert torch.equal(images[torch.tensor([1])], torch.from_numpy(view[1:2]))
+
+
+def test_device_memory_share_must_be_a_share(tmp_path):
+    from pipeline.config import resolve_config
+
+    with pytest.raises(PipelineError, match="train.device_memory_share"):
+        resolve_config({"train": {"device_memory_share": 0}})
+    with pytest.raises(PipelineError, match="train.device_memory_share"):
+        resolve_config({"train": {"device_memory_share": 1.5}})

@@ -12,7 +12,14 @@ import numpy as np
 
 from pipeline import PipelineError
 from pipeline.backbones import resolve_backbone
-from pipeline.io import TRAINING_SPLITS, Prepared, load_neighbours, load_prepared, locate
+from pipeline.io import (
+    TRAINING_SPLITS,
+    Prepared,
+    RowView,
+    load_neighbours,
+    load_prepared,
+    locate,
+)
 from pipeline.train.encoder import encoder_header
 from pipeline.train.grid import METHOD_USES, Run, check_support_queue
 from pipeline.train.optim import OPTIMIZERS
@@ -45,14 +52,14 @@ def read_neighbours(path: str | Path, ids: np.ndarray) -> tuple[np.ndarray, np.n
     return table_idx, table_dist, meta
 
 
-def fingerprint(*arrays: np.ndarray) -> str:
-    """Cheap content hash (shapes, all ids, a strided sample of pixels) for resume checks."""
+def fingerprint(*arrays: np.ndarray | RowView) -> str:
+    """Cheap content hash for resume checks: shapes, and at most a thousand evenly spaced
+    rows of each array (all ids of a few thousand images; a sample of a large image set)."""
     h = hashlib.sha1()
     for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        flat = a.reshape(-1)
-        h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 1_000_000)]).tobytes())
+        h.update(str((tuple(a.shape), a.dtype.str)).encode())
+        sample = a[:: max(1, len(a) // 1000)] if len(a) else np.zeros(0)
+        h.update(np.ascontiguousarray(sample).tobytes())
     return h.hexdigest()
 
 
@@ -102,7 +109,7 @@ def check_params(params: TrainParams, run: Run) -> None:
 def load_run(params: TrainParams, run: Run, seed: int, data: Path,
              neighbours: Path | None) -> RunData:
     check_params(params, run)
-    train = load_prepared(data).subset(*TRAINING_SPLITS)
+    train = load_prepared(data).view(*TRAINING_SPLITS)  # images read only when indexed
     n = len(train.images)
     if n < 2:
         raise PipelineError(f"{data}: training needs at least 2 training images, got {n}")

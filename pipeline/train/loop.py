@@ -25,6 +25,7 @@ from pipeline.io import provenance, save_checkpoint
 from pipeline.train.checkpoint import matching_state, write_outputs
 from pipeline.train.data import RunData, load_run
 from pipeline.train.encoder import init_encoder
+from pipeline.train.feed import StreamedImages, feed
 from pipeline.train.grid import Run
 from pipeline.train.methods import build_method
 from pipeline.train.optim import lr_at, make_optimizer
@@ -100,8 +101,13 @@ def _epoch(loop: _Loop, epoch: int, dev: torch.device) -> tuple[dict, dict]:
     make_batch = USES[loop.run.use].make_batch
     sums = torch.zeros(5, device=dev)  # loss, spread, neighbour use, same label, labelled
     lr = 0.0
+    streamed = isinstance(loop.views.images, StreamedImages)
+    if streamed:
+        loop.views.images.prefetch(perm[:loop.batch])
     for i in range(loop.steps_per_epoch):
         idx = perm[i * loop.batch:(i + 1) * loop.batch]
+        if streamed and i + 1 < loop.steps_per_epoch:  # read the next anchors meanwhile
+            loop.views.images.prefetch(perm[(i + 1) * loop.batch:(i + 2) * loop.batch])
         lr = lr_at(loop.step, loop.total, loop.warmup, p.lr)
         for group in loop.optimizer.param_groups:
             group["lr"] = lr
@@ -253,15 +259,16 @@ def train(
         torch.set_rng_state(ck["rng"]["torch"])
         log.info("resuming from epoch %d (%s)", start_epoch, state)
 
-    # The whole training set lives on the device as uint8 NHWC; batches are gathered by index.
+    # The training set lives on the device as uint8 NHWC and batches are gathered by index,
+    # or, above train.device_memory_share of its memory, batches are streamed from disk.
     mean_t, std_t = header["mean"].to(dev), header["std"].to(dev)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return normalise(x, mean_t, std_t).contiguous(memory_format=LAYOUT)
 
     source = _source(run, rd, params, dev, ck)
-    views = Views(torch.from_numpy(images_np).to(dev), source, params.view1, params.view2,
-                  prepare)
+    views = Views(feed(images_np, params.device_memory_share, dev), source, params.view1,
+                  params.view2, prepare)
     if params.compile:
         if cuda:
             model.encoder.forward = torch.compile(model.encoder.forward)
@@ -314,6 +321,7 @@ def _finish(loop: _Loop, rows: list[dict], rd: RunData, device: str, state: Path
         "collapsed": bool(collapsed), "spread": final["spread"],
         "neighbour_use": final["neighbour_use"], "images_per_s": final["images_per_s"],
         "optimizer": p.optimizer, "batch_size": loop.batch, "precision": loop.precision,
+        "feed": "streamed" if isinstance(loop.views.images, StreamedImages) else "resident",
     }
     if loop.batch < p.batch_size:
         summary["notes"] = (f"train.batch_size {p.batch_size} clamped to the {loop.batch} "

@@ -59,6 +59,7 @@ class TrainParams:
     checkpoint_every: int = 5
     compile: bool = False
     precision: str = "auto"
+    device_memory_share: float = 0.5
     # BYOL's asymmetric views (Grill et al. 2020): blur always on view 1; rarely blur,
     # sometimes solarise view 2. Every method trains on the same views.
     view1: AugmentParams = field(
