@@ -81,6 +81,12 @@ def _embed(a):
     embed(a.encoder, a.data, a.out, a.run, a.dataset, a.device)
 
 
+def _embed_images(a):
+    from pipeline.embed import embed_files
+
+    embed_files(a.encoder, a.images, a.out, a.device, a.batch_size, a.chunk)
+
+
 def _evaluate(a):
     from pipeline.evaluate import EvaluateParams, evaluate
 
@@ -200,6 +206,25 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True)
     for name in ("encoder", "data", "out"):
         s.add_argument(f"--{name}", type=Path, required=True)
+
+    s = stage("embed-images", _embed_images)
+    s.description = ("Features of your own image files with any encoder.pt, written to Parquet "
+                     "(path, feature) in bounded memory, with a progress line on stderr.")
+    s.add_argument("--encoder", type=Path, required=True,
+                   help="an encoder.pt, e.g. results/<tag>/train/<run>/seed<N>/encoder.pt")
+    s.add_argument("--images", type=Path, required=True,
+                   help="a folder of image files (recursive, hidden files skipped) or a "
+                        ".tar/.tar.gz of them; each becomes grey or RGB by prepare's rules "
+                        "and is resized to the encoder's square side: aspect ratio not kept")
+    s.add_argument("--out", type=Path, required=True,
+                   help="the Parquet file to write: one row per image, columns path (relative "
+                        "to the folder, or the member name) and feature (float32 list)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    s.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass of the encoder (default: %(default)s)")
+    s.add_argument("--chunk", type=int, default=None,
+                   help="images decoded, encoded and written at a time, one Parquet row "
+                        "group; bounds memory (default: pipeline.io.CHUNK, 4096)")
 
     s = stage("evaluate", _evaluate, params=True, device=True)
     s.add_argument("--run", required=True)

@@ -1,74 +1,386 @@
-"""Embed stage: a trained encoder's frozen features of images, in the latents.parquet schema."""
+"""Embed stage: a trained encoder's frozen features of images, for the prepared set (in the
+latents.parquet schema) or for a folder or archive of image files (in bounded memory)."""
 
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import sys
+import tarfile
 import time
-from pathlib import Path
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.io import code_version, load_prepared, write_latents
+from pipeline.io import CHUNK, atomic_path, code_version, load_prepared, shown_path, write_latents
+from pipeline.prepare import IMAGE_SUFFIXES, _decode
 from pipeline.train.encoder import encode_images, load_encoder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+EMBEDDINGS_FORMAT = "nnbyol-embeddings/1"
+# Encoded bytes an archive chunk holds at most: 4096 camera JPEGs would be gigabytes.
+_CHUNK_BYTES = 256 << 20
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
-def read_folder(root: str | Path, size: int, channels: int) -> tuple[np.ndarray, list[str]]:
-    """Every image file under ``root`` (sorted by path), as uint8 (N, size, size, channels).
+class Embeddings(NamedTuple):
+    """Features of images, with the file each came from; unpacks as ``paths, features``.
 
-    Images are converted to grey (1 channel) or RGB (3) by prepare's rule (16-bit grey scaled,
-    EXIF orientation applied, unsupported modes refused) and resized to the encoder's square
-    side, as ``prepare`` does for an image folder with ``dataset.resize``.
+    Attributes:
+        paths: each image's path relative to the folder or its member name in the archive,
+            in row order; None for images given as an array.
+        features: (N, D) float32 encoder features (no projector, no augmentation).
     """
-    from PIL import Image, UnidentifiedImageError
 
-    from pipeline.prepare import to_grey_or_rgb
+    paths: list[str] | None
+    features: np.ndarray
 
-    root = Path(root)
-    if not root.is_dir():
-        raise PipelineError(f"{root}: not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise PipelineError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(files), size, size, channels), np.uint8)
-    for i, f in enumerate(files):
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """The image files of a folder or a tar archive, listed by name only (nothing decoded).
+
+    Attributes:
+        root: the folder, or the ``.tar``/``.tar.gz`` (any tar compression) archive.
+        names: paths relative to the folder (sorted), or member names in archive order (an
+            archive is read front to back: seeking in a compressed tar restarts it), its
+            links last: they are resolved once the archive has been read.
+        archive: whether ``root`` is an archive.
+        links: the archive's image links (hard or symbolic): name -> the member it leads to.
+    """
+
+    root: Path
+    names: list[str]
+    archive: bool
+    links: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def _where(self) -> str:
+        return shown_path(self.root)
+
+    def shown(self, name: str) -> str:
+        """How a message names one image: its file, or ``archive:member``."""
+        return f"{self._where}{':' if self.archive else '/'}{name}"
+
+
+def _is_image(name: str) -> bool:
+    # Hidden files are skipped, as prepare does: macOS '._x.jpg' forks, .ipynb_checkpoints.
+    parts = PurePosixPath(name).parts
+    return (bool(parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+            and not any(p.startswith(".") for p in parts))
+
+
+def _check_utf8(files: ImageFiles) -> None:
+    for name in files.names:
         try:
-            with Image.open(f) as im:
-                im = to_grey_or_rgb(im, str(f)).convert(mode)
-                im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im).reshape(size, size, channels)
-        except (OSError, UnidentifiedImageError) as e:
-            raise PipelineError(f"{f}: cannot read image ({e})") from None
-    return out, [str(f.relative_to(root)) for f in files]
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
+            raise PipelineError(f"image path {ascii(files.shown(name))} is not valid UTF-8; "
+                                "rename it") from None
+
+
+def list_images(root: str | Path) -> ImageFiles:
+    """The image files (by ``IMAGE_SUFFIXES``) under a folder, recursively, or in a tar archive.
+
+    Hidden files and folders are skipped; linked folders are followed once. A broken link
+    named like an image is listed, so that reading it fails naming it.
+    """
+    root = Path(root)
+    if root.is_dir():
+        names, seen = [], set()
+
+        def fail(e: OSError):
+            raise PipelineError(f"cannot list {shown_path(e.filename)}: {e.strerror or e}")
+
+        for folder, dirs, filenames in os.walk(root, onerror=fail, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a link back up the tree, or a second link to one folder
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = Path(folder).relative_to(root)
+            names += [(rel / f).as_posix() for f in filenames if _is_image((rel / f).as_posix())]
+        files = ImageFiles(root, sorted(names), archive=False)
+    elif root.is_file():
+        files = _list_archive(root)
+    else:
+        raise PipelineError(f"{shown_path(root)}: no such folder or archive")
+    if not files.names:
+        raise PipelineError(f"{shown_path(root)}: no image files "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    _check_utf8(files)
+    return files
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A header reader that raises where tarfile quietly ends the archive (a damaged, partial
+    or missing header): only the all-zero end marker ends it, so no image is lost unseen.
+
+    The rule of ``pipeline.prepare.folders._StrictTarInfo``, kept here while that module is
+    rewritten; one home for both once it settles.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as e:
+            if tar.offset == 0:  # not a tar at all: tarfile.open tries the next compression
+                raise
+            raise tarfile.ReadError(f"bad or missing header at byte {tar.offset}: "
+                                    f"{e or type(e).__name__}") from None
+
+
+def _open_tar(root: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(root, tarinfo=_StrictTarInfo)
+    except _TAR_ERRORS as e:
+        detail = str(e).splitlines()[0].rstrip(":")  # tarfile lists every method it tried
+        raise PipelineError(f"{shown_path(root)} is neither a folder nor a readable tar "
+                            f"archive (plain, gzip, bzip2 or xz): {detail}") from None
+
+
+def _damaged(root: Path, e: BaseException) -> str:
+    return f"{shown_path(root)}: damaged archive ({type(e).__name__}: {e})"
+
+
+def _members(root: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str]]:
+    """(archive, member, its name) of every member, in one sequential pass, to the end."""
+    with _open_tar(root) as tar:
+        try:
+            while (m := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header read: 0.5 GB per million
+                yield tar, m, posixpath.normpath(m.name)  # './a.png' (tar -C dir .): 'a.png'
+            # To the end: a gzip stream checks its CRC only there, and only zero padding may
+            # follow the end marker (else a zeroed header ended the archive early).
+            while block := tar.fileobj.read(1 << 20):
+                if block.count(0) != len(block):
+                    raise tarfile.ReadError("data after the end-of-archive marker")
+        except _TAR_ERRORS as e:
+            raise PipelineError(_damaged(root, e)) from None
+
+
+def _list_archive(root: Path) -> ImageFiles:
+    names, links, images = [], {}, []
+    for _, m, name in _members(root):
+        if m.islnk() or m.issym():  # a hard link is the second name of a file archived once
+            # A hard link names a member; a symbolic one is relative to its own folder.
+            base = "" if m.islnk() else posixpath.dirname(name)
+            links[name] = posixpath.normpath(posixpath.join(base, m.linkname))
+            if _is_image(name):
+                images.append(name)
+        elif m.isfile() and _is_image(name):
+            names.append(name)
+    resolved = {}
+    for name in images:
+        target, hops = links[name], 0
+        while target in links and hops <= len(links):  # a link to a link
+            target, hops = links[target], hops + 1
+        resolved[name] = target
+    return ImageFiles(root, names + images, archive=True, links=resolved)
+
+
+def _raw_chunks(files: ImageFiles, chunk: int) -> Iterator[list[tuple[str, bytes | Path]]]:
+    """(name, encoded bytes, or the file to read them from) of every image, ``chunk`` at a time."""
+    if not files.archive:
+        for start in range(0, len(files.names), chunk):
+            yield [(n, files.root / n) for n in files.names[start:start + chunk]]
+        return
+    # Files, then links, as listed; the bytes of link targets are kept until the end.
+    targets, kept = set(files.links.values()), {}
+
+    def images() -> Iterator[tuple[str, bytes]]:
+        i, regular = 0, len(files.names) - len(files.links)
+        for tar, m, name in _members(files.root):
+            if not m.isfile() or not (_is_image(name) or name in targets):
+                continue
+            raw = tar.extractfile(m).read()
+            if name in targets:
+                kept[name] = raw
+            if _is_image(name):
+                if i >= regular or files.names[i] != name:
+                    raise PipelineError(f"{shown_path(files.root)} changed while it was read")
+                yield name, raw
+                i += 1
+        if i != regular:
+            raise PipelineError(f"{shown_path(files.root)} changed while it was read")
+        for name in files.names[regular:]:
+            if files.links[name] not in kept:
+                raise PipelineError(f"unreadable image {files.shown(name)}: link to "
+                                    f"{files.links[name]!r}, not to a file in the archive")
+            yield name, kept[files.links[name]]
+
+    batch, size = [], 0
+    for name, raw in images():
+        batch.append((name, raw))
+        size += len(raw)
+        if len(batch) == chunk or size >= _CHUNK_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _load(files: ImageFiles, name: str, raw: bytes | Path, size: int,
+          channels: int) -> np.ndarray:
+    """One image as uint8 (size, size, channels), by prepare's rules (``_decode``)."""
+    from PIL import Image
+
+    shown = files.shown(name)
+    if isinstance(raw, Path):
+        try:
+            raw = raw.read_bytes()
+        except OSError as e:
+            what = (f"broken symbolic link to {os.readlink(raw)!r}"
+                    if raw.is_symlink() and not raw.exists() else "cannot read it")
+            raise PipelineError(f"unreadable image {shown}: {what} "
+                                f"({e.strerror or e})") from None
+    a = _decode(shown, raw, size)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[2] != channels:  # grey into an RGB encoder repeats; RGB into a grey one: luma
+        a = (np.repeat(a, 3, axis=2) if channels == 3
+             else np.asarray(Image.fromarray(a).convert("L"))[..., None])
+    return a
+
+
+def read_images(files: ImageFiles, size: int, channels: int,
+                chunk: int = CHUNK) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The images of ``files`` as (names, uint8 (M, size, size, channels)), ``chunk`` at a time.
+
+    Each file becomes grey or RGB by prepare's rules (``IMAGE_MODES``: EXIF orientation
+    applied, 16-bit grey scaled, alpha dropped), then is resized (bilinear) to size x size:
+    the aspect ratio is not kept. Grey images are repeated into RGB for a 3-channel encoder.
+    An archive chunk is cut short at 256 MiB of encoded files.
+    """
+    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while it decodes
+        for batch in _raw_chunks(files, chunk):
+            rows = pool.map(lambda item: _load(files, *item, size, channels), batch)
+            yield [name for name, _ in batch], np.stack(list(rows))
+
+
+def _encoded(encoder: Path, files: ImageFiles, device: str, batch_size: int,
+             chunk: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    _, ck = load_encoder(encoder, "cpu")
+    for names, images in read_images(files, ck["image_size"], ck["in_channels"], chunk):
+        yield names, encode_images(encoder, images, device, batch_size)[0]
 
 
 def embed_images(encoder: str | Path, images: np.ndarray | str | Path,
-                 device: str = "auto") -> np.ndarray:
+                 device: str = "auto") -> Embeddings:
     """Features of your own images with any ``encoder.pt`` (any method's encoder, no projector).
 
     Args:
         encoder: an ``encoder.pt`` from ``results/<tag>/train/<run>/seed<N>/``.
         images: uint8 (N, H, W, C) or (N, H, W) at the encoder's size and channels, or a
-            folder of image files (read recursively, sorted by path, converted and resized).
+            folder of image files (recursive, sorted by path) or a tar(.gz) of them (archive
+            order), each converted by prepare's rules and resized to the encoder's square side
+            (aspect ratio not kept; see :func:`read_images`).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
 
     Returns:
-        (N, D) float32 features, the ones the linear probe and kNN evaluate.
+        ``Embeddings(paths, features)``: features (N, D) float32, the ones the linear probe
+        and kNN evaluate; paths of the files (None for an array). The files are read in
+        chunks, but every feature is returned: for more images than memory holds, write them
+        to Parquet with :func:`embed_files`.
     """
+    encoder = Path(encoder)
     if isinstance(images, (str, Path)):
-        _, ck = load_encoder(encoder, "cpu")
-        images, _ = read_folder(images, ck["image_size"], ck["in_channels"])
+        files = list_images(images)
+        feats = [f for _, f in _encoded(encoder, files, device, 1024, CHUNK)]
+        return Embeddings(files.names, np.concatenate(feats))
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise PipelineError(f"images must be uint8 (N, H, W[, C]), got {images.dtype} "
                             f"{images.shape}")
-    return encode_images(Path(encoder), images, device)[0]
+    return Embeddings(None, encode_images(encoder, images, device)[0])
+
+
+def embed_files(encoder: str | Path, images: str | Path, out: str | Path, device: str = "auto",
+                batch_size: int = 256, chunk: int | None = None) -> None:
+    """Write the features of a folder's (or tar archive's) images to Parquet, in bounded memory.
+
+    Names are listed first; then ``chunk`` images at a time are decoded (:func:`read_images`),
+    encoded and appended as one row group, with a progress line on stderr. The file appears
+    only when complete (:func:`pipeline.io.atomic_path`).
+
+    Args:
+        encoder: an ``encoder.pt``.
+        images: a folder of image files or a tar(.gz) archive of them.
+        out: the Parquet file: ``path`` (string), ``feature`` (fixed-size list of float32),
+            metadata: encoder, source, dimension, image_size, channels, backbone, images,
+            code_version.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        batch_size: images per forward pass.
+        chunk: images in memory at a time (default ``pipeline.io.CHUNK``).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chunk = CHUNK if chunk is None else chunk
+    if batch_size < 1 or chunk < 1:
+        raise PipelineError(f"batch size and chunk must be at least 1, got {batch_size} and "
+                            f"{chunk}")
+    start = time.time()
+    encoder, out = Path(encoder), Path(out)
+    model, ck = load_encoder(encoder, "cpu")  # a missing encoder fails before the listing
+    files = list_images(images)
+    n, dim = len(files.names), model.out_dim
+    print(f"{n} images in {shown_path(files.root)}", file=sys.stderr, flush=True)
+    meta = {"format": EMBEDDINGS_FORMAT, "encoder": _text(encoder), "source": _text(files.root),
+            "dimension": str(dim), "image_size": str(ck["image_size"]),
+            "channels": str(ck["in_channels"]), "backbone": ck["backbone"], "images": str(n),
+            "code_version": code_version()}
+    schema = pa.schema([("path", pa.string()), ("feature", pa.list_(pa.float32(), dim))],
+                       metadata=meta)
+    done = 0
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for names, feats in _encoded(encoder, files, device, batch_size, chunk):
+            if not np.isfinite(feats).all():
+                raise PipelineError(f"{encoder}: features of {files.shown(names[0])} .. "
+                                    f"{names[-1]} contain NaN or infinite values")
+            values = pa.array(feats.reshape(-1), pa.float32())
+            writer.write_table(pa.table(
+                {"path": pa.array(names, pa.string()),
+                 "feature": pa.FixedSizeListArray.from_arrays(values, dim)}, schema=schema))
+            done += len(names)
+            rate = done / max(time.time() - start, 1e-9)
+            print(f"embedded {done}/{n} images ({rate:.0f} img/s)", file=sys.stderr, flush=True)
+    seconds = time.time() - start
+    print(f"embedded {n} images into {dim}-d features in {seconds:.1f} s "
+          f"({n / max(seconds, 1e-9):.0f} img/s) -> {shown_path(out)}", file=sys.stderr)
+
+
+def _text(path: Path) -> str:
+    """A path as metadata text: bytes that are not UTF-8 escaped, never an encoding error."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def read_embeddings(path: str | Path) -> tuple[Embeddings, dict[str, str]]:
+    """The ``Embeddings`` and metadata of a Parquet file written by :func:`embed_files`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["path", "feature"])
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise PipelineError(f"{path}: cannot read embeddings ({e})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    col = table.column("feature").combine_chunks()
+    feats = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+    return Embeddings(table.column("path").to_pylist(), feats), meta
 
 
 def embed(encoder: Path, data: Path, out: Path, run: str, dataset: str, device: str) -> None:

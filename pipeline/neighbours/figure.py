@@ -39,10 +39,16 @@ def grid_anchors(labels: np.ndarray, max_rows: int = 20) -> np.ndarray:
     return known[first][:max_rows]
 
 
+def _short(path: str, width: int = 24) -> str:
+    """A file's name as a grid label: the last ``width`` characters of its path."""
+    return path if len(path) <= width else "..." + path[-(width - 3):]
+
+
 def neighbour_grid(train: Prepared, I_pos: np.ndarray, path: Path, title: str) -> None:
     """PNG of one anchor per class (first column, blue) and its neighbours, nearest first:
     green border = same label as the anchor, red = different (its label written under it),
-    grey = unknown."""
+    grey = unknown. Each row names its anchor's class, how many neighbours share it and,
+    where the set has files, the anchor's file."""
     from pipeline.plots import image_grid
 
     def name(label: int) -> str:
@@ -60,7 +66,9 @@ def neighbour_grid(train: Prepared, I_pos: np.ndarray, path: Path, title: str) -
         rows.append(np.stack(row))
         cell_labels.append(cells)
         same = int(sum(train.labels[j] == la for j in I_pos[a])) if la >= 0 else 0
-        row_labels.append(f"{name(la)} ({same}/{I_pos.shape[1]})")
+        # The anchor's file, where the set has files: a surprising row can be looked up.
+        where = f"\n{_short(train.paths[a])}" if train.paths[a] else ""
+        row_labels.append(f"{name(la)} ({same}/{I_pos.shape[1]}){where}")
     cols = ["anchor"] + [str(j + 1) for j in range(I_pos.shape[1])]
     image_grid(rows, path, row_labels=row_labels, col_labels=cols, title=title,
                cell_labels=cell_labels)
