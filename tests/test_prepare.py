@@ -152,8 +152,12 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(PipelineError, match=r"test classes \['cow'\] have no training folder"):
         prepare(params(name="imagefolder", root=str(root)), out)
     flat = tmp_path / "flat"
-    (flat / "train").mkdir(parents=True)
-    with pytest.raises(PipelineError, match=r"missing folder .*flat/test"):
+    flat.mkdir()
+    with pytest.raises(PipelineError, match=r"missing folder '.*flat/train'; expected <root>/"
+                                            r"train/<class>/\*, optionally <root>/test/"):
+        prepare(params(name="imagefolder", root=str(flat)), out)
+    (flat / "train").mkdir()  # test/ is optional now; train/ still needs a class
+    with pytest.raises(PipelineError, match=r"no images in '.*flat/train'/<class>/$"):
         prepare(params(name="imagefolder", root=str(flat)), out)
     assert not out.exists()
 

@@ -1,21 +1,22 @@
-"""Prepare stage: turn a data-set source into the canonical prepared file (uint8 NHWC).
+"""Prepare stage: turn a data-set source into the prepared folder (images.npy, meta.parquet).
 
 The public face; the parts: ``params`` (the ``dataset`` section, ``PrepareParams``),
-``sources`` (the ``DATASETS`` registry of loaders), ``folders`` (image folders and tars),
-``images`` (one image file: Pillow's modes by rule), ``checks`` (``check_data``, the log line).
+``sources`` (the registries: ``LOADERS`` return a set in memory, ``WRITERS`` write it in
+bounded memory), ``folders`` (image folders and tars), ``images`` (one image file: Pillow's
+modes by rule), ``splits`` (held-out split and subsample), ``checks`` (``check_data``, the
+log line).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-
-import numpy as np
 
 from pipeline import PipelineError
 from pipeline.io import Prepared, save_prepared
 from pipeline.prepare.checks import check_data, summary_line
-from pipeline.prepare.folders import IMAGE_SUFFIXES, load_imagefolder
+from pipeline.prepare.folders import IMAGE_SUFFIXES, write_imagefolder
 from pipeline.prepare.images import (
     IMAGE_MODES,
     _decode,  # noqa: F401  (tests decode one file with it)
@@ -24,31 +25,22 @@ from pipeline.prepare.images import (
 from pipeline.prepare.params import DOWNLOADABLE, PrepareParams, SyntheticParams, _require_root
 from pipeline.prepare.sources import (
     DATASETS,
+    LOADERS,
+    WRITERS,
     load_digits,
     load_npz,
     load_stl10,
     load_svhn,
-    load_synthetic,
+    write_synthetic,
 )
+from pipeline.prepare.splits import keep_rows
 
 __all__ = [
-    "DATASETS", "DOWNLOADABLE", "IMAGE_MODES", "IMAGE_SUFFIXES", "PrepareParams",
-    "SyntheticParams", "check_data", "check_source", "load_digits", "load_imagefolder",
-    "load_npz", "load_stl10", "load_svhn", "load_synthetic", "prepare", "summary_line",
-    "to_grey_or_rgb",
+    "DATASETS", "DOWNLOADABLE", "IMAGE_MODES", "IMAGE_SUFFIXES", "LOADERS", "PrepareParams",
+    "SyntheticParams", "WRITERS", "check_data", "check_source", "load_digits", "load_npz",
+    "load_stl10", "load_svhn", "prepare", "summary_line", "to_grey_or_rgb",
+    "write_imagefolder", "write_synthetic",
 ]
-
-
-def _subsample(data: Prepared, split: str, limit: int | None, seed: int) -> Prepared:
-    mask = data.split == split
-    if limit is None or mask.sum() <= limit:
-        return data
-    rng = np.random.default_rng(seed)
-    drop = rng.permutation(np.flatnonzero(mask))[limit:]
-    keep = np.ones(len(data.ids), dtype=bool)
-    keep[drop] = False
-    return Prepared(data.images[keep], data.labels[keep], data.split[keep], data.ids[keep],
-                    data.classes, data.paths[keep])
 
 
 def check_source(p: PrepareParams) -> None:
@@ -60,13 +52,25 @@ def check_source(p: PrepareParams) -> None:
         _require_root(p)
 
 
-def prepare(params: PrepareParams, out: str | Path) -> Prepared:
-    """Load ``params.name`` from its source, subsample if asked, check and write ``out``."""
+def prepare(params: PrepareParams, out: str | os.PathLike) -> Prepared:
+    """Write the prepared folder ``out`` from source ``params.name``, subsampled if asked.
+
+    Returns:
+        The set as written (images memory-mapped from ``out``).
+    """
     check_source(params)
-    data = DATASETS[params.name](params)
-    data = _subsample(data, "train", params.max_train, params.seed)
-    data = _subsample(data, "test", params.max_test, params.seed + 1)
-    data.check()
-    save_prepared(out, data)
+    if params.name in WRITERS:
+        data = WRITERS[params.name](params, out)
+    else:
+        data = LOADERS[params.name](params)
+        keep = keep_rows(data.split, params)
+        if not keep.all():  # a copy of the images kept; none when all are
+            data = Prepared(data.images[keep], data.labels[keep], data.split[keep],
+                            data.ids[keep], data.classes, data.paths[keep])
+        data = save_prepared(out, data)
+    old = Path(out).parent / "data.npz"
+    if old.is_file():  # left by an earlier version; every stage now reads the folder
+        print(f"prepare: {old} is the old single-file format; wrote {out} (memory-mappable) "
+              "instead; delete data.npz", file=sys.stderr)
     print(summary_line(data), file=sys.stderr)
     return data

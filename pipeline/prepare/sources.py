@@ -1,7 +1,16 @@
-"""Data-set sources by name: digits, synthetic gratings, torchvision's sets, image folders, npz."""
+"""Data-set sources by name: digits, synthetic gratings, torchvision's sets, image folders, npz.
+
+Two registries, one name space (``DATASETS``): a source in ``LOADERS`` returns the whole set in
+memory (digits, torchvision's sets and npz, which their own files hold in memory anyway) and
+``prepare`` subsamples and writes it; a source in ``WRITERS`` (synthetic, imagefolder) writes
+the prepared folder itself, a chunk at a time through a ``PreparedWriter``, choosing the
+rows it keeps before making or decoding any image, so its memory does not grow with the
+number of images.
+"""
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -10,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.io import Prepared
-from pipeline.prepare.folders import _unicode_twins, load_imagefolder
+from pipeline.io import Prepared, PreparedWriter
+from pipeline.prepare.folders import _unicode_twins, write_imagefolder
 from pipeline.prepare.params import PrepareParams, _require_root
+from pipeline.prepare.splits import chunk_rows, keep_rows, stratified_split
 
 
 def _assemble(parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> Prepared:
@@ -37,17 +47,6 @@ def _assemble(parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str
     )
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask holding ``test_fraction`` of every class, chosen with ``seed``."""
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        test[idx[: max(1, round(test_fraction * len(idx)))]] = True
-    return test
-
-
 def load_digits(p: PrepareParams) -> Prepared:
     """scikit-learn's bundled 8x8 digits (values 0-16, rescaled to 0-255), stratified split."""
     from sklearn.datasets import load_digits as sk_digits
@@ -55,7 +54,7 @@ def load_digits(p: PrepareParams) -> Prepared:
     d = sk_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = d.target.astype(np.int64)
-    test = _stratified_split(labels, p.test_fraction, p.seed)
+    test = stratified_split(labels, p.test_fraction, p.seed)
     return Prepared(
         images=images,
         labels=labels,
@@ -65,36 +64,43 @@ def load_digits(p: PrepareParams) -> Prepared:
     )
 
 
-def load_synthetic(p: PrepareParams) -> Prepared:
-    """Oriented sinusoidal gratings, one orientation (and hue) per class, plus noise."""
+def write_synthetic(p: PrepareParams, out: str | os.PathLike) -> Prepared:
+    """Oriented sinusoidal gratings, one orientation (and hue) per class, plus noise.
+
+    Images are made one at a time in one random stream (phase, frequency, then noise, image
+    after image, class after class) and written a chunk at a time; a row dropped by
+    ``max_train``/``max_test`` still draws its numbers, so the images kept are the same.
+    """
     s = p.synthetic
+    labels = np.repeat(np.arange(s.classes, dtype=np.int64), s.per_class)
+    split = np.where(stratified_split(labels, p.test_fraction, p.seed), "test", "train")
+    keep = keep_rows(split, p)
     rng = np.random.default_rng(p.seed)
     yy, xx = np.mgrid[0 : s.size, 0 : s.size] / s.size
-    images, labels = [], []
-    for c in range(s.classes):
-        angle = np.pi * c / s.classes
-        for _ in range(s.per_class):
-            phase = rng.uniform(0, 2 * np.pi)
-            freq = rng.uniform(2.0, 3.0)
-            wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
-            img = 0.5 + 0.4 * wave
-            if s.channels == 3:
-                tint = 0.6 + 0.4 * np.cos(2 * np.pi * (c / s.classes + np.arange(3) / 3))
-                img = img[..., None] * tint
-            else:
-                img = img[..., None]
-            img = img + rng.normal(0, s.noise, img.shape)
-            images.append(np.clip(img * 255, 0, 255).astype(np.uint8))
-            labels.append(c)
-    labels = np.asarray(labels, dtype=np.int64)
-    test = _stratified_split(labels, p.test_fraction, p.seed)
-    return Prepared(
-        images=np.stack(images),
-        labels=labels,
-        split=np.where(test, "test", "train").astype(str),
-        ids=np.arange(len(labels), dtype=np.int64),
-        classes=[f"class{c}" for c in range(s.classes)],
-    )
+    shape = (s.size, s.size, s.channels)
+    chunk = np.empty((chunk_rows(shape), *shape), dtype=np.uint8)
+    with PreparedWriter(out, int(keep.sum()), shape) as w:
+        i, row, n = 0, 0, 0  # image i of the stream; the chunk holds rows row to row + n
+        for c in range(s.classes):
+            angle = np.pi * c / s.classes
+            direction = xx * np.cos(angle) + yy * np.sin(angle)
+            tint = 0.6 + 0.4 * np.cos(2 * np.pi * (c / s.classes + np.arange(3) / 3))
+            for _ in range(s.per_class):
+                phase = rng.uniform(0, 2 * np.pi)
+                freq = rng.uniform(2.0, 3.0)
+                img = 0.5 + 0.4 * np.sin(2 * np.pi * freq * direction + phase)
+                img = img[..., None] * tint if s.channels == 3 else img[..., None]
+                img = img + rng.normal(0, s.noise, img.shape)
+                if keep[i]:
+                    chunk[n] = np.clip(img * 255, 0, 255).astype(np.uint8)
+                    n += 1
+                i += 1
+                if n == len(chunk):
+                    w.write(row, chunk)
+                    row, n = row + n, 0
+        w.write(row, chunk[:n])
+        return w.finish(labels[keep], split[keep], np.flatnonzero(keep),
+                        [f"class{c}" for c in range(s.classes)])
 
 
 def _torchvision(p: PrepareParams, make: Callable[[str, str, bool], object], split: str,
@@ -262,15 +268,20 @@ def load_npz(p: PrepareParams) -> Prepared:
     return _assemble(parts, classes)
 
 
-DATASETS: dict[str, Callable[[PrepareParams], Prepared]] = {
+# Sources whose sets are loaded whole: prepare() subsamples and writes them.
+LOADERS: dict[str, Callable[[PrepareParams], Prepared]] = {
     "digits": load_digits,
-    "synthetic": load_synthetic,
     "mnist": _load_tv_train_flag("MNIST"),
     "fashionmnist": _load_tv_train_flag("FashionMNIST"),
     "cifar10": _load_tv_train_flag("CIFAR10"),
     "cifar100": _load_tv_train_flag("CIFAR100"),
     "svhn": load_svhn,
     "stl10": load_stl10,
-    "imagefolder": load_imagefolder,
     "npz": load_npz,
 }
+# Sources that write the prepared folder ``out`` themselves, in bounded memory.
+WRITERS: dict[str, Callable[[PrepareParams, str | os.PathLike], Prepared]] = {
+    "synthetic": write_synthetic,
+    "imagefolder": write_imagefolder,
+}
+DATASETS = (*LOADERS, *WRITERS)
