@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
     import torch
 
-    from pipeline.device import set_threads
+    from pipeline.threads import set_threads
 
     set_threads(a.threads)
     for nprobe in a.nprobe:

@@ -257,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pipeline.device import set_threads
+    from pipeline.threads import set_threads
 
     set_threads(args.threads)
     try:

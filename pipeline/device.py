@@ -1,4 +1,4 @@
-"""Device choice, thread counts and seeding, shared by every stage."""
+"""Device choice and seeding, shared by every stage (thread counts: ``pipeline.threads``)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise PipelineError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     return torch.device(name)
-
-
-def set_threads(threads: int | None) -> None:
-    """Honour the scheduler's thread grant in torch, BLAS and FAISS."""
-    if not threads or threads < 1:
-        return
-    # FAISS reads OMP_NUM_THREADS when first imported; importing it here would also defeat the
-    # neighbours stage's OpenBLAS kernel choice, which must happen before that import.
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    if "faiss" in sys.modules:
-        sys.modules["faiss"].omp_set_num_threads(threads)
 
 
 # Convolutional models and their image batches use the channels-last (NHWC) layout on every

@@ -230,9 +230,9 @@ class PreparedWriter:
         data.check()
         table = pa.table({
             "id": pa.array(data.ids, pa.int64()),
-            "split": pa.array(data.split.tolist(), pa.string()),
+            "split": pa.array(data.split, pa.string()),
             "label": pa.array(data.labels, pa.int64()),
-            "path": pa.array([str(p) for p in data.paths], pa.string()),
+            "path": pa.array(data.paths.astype(str), pa.string()),
         }).replace_schema_metadata({
             b"format": PREPARED_FORMAT.encode(),
             b"classes": json.dumps(data.classes).encode(),
@@ -309,10 +309,10 @@ def load_prepared(path: str | os.PathLike) -> Prepared:
     return Prepared(
         images=images,
         labels=table.column("label").to_numpy().astype(np.int64),
-        split=np.asarray(table.column("split").to_pylist(), dtype=str),
+        split=table.column("split").to_numpy().astype(str),
         ids=table.column("id").to_numpy().astype(np.int64),
         classes=json.loads(meta["classes"]),
-        paths=np.asarray(table.column("path").to_pylist(), dtype=object),
+        paths=table.column("path").to_numpy(),
     )
 
 
