@@ -9,25 +9,24 @@ import posixpath
 import sys
 import tarfile
 import time
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from pipeline import PipelineError
 from pipeline.io import CHUNK, atomic_path, code_version, load_prepared, shown_path, write_latents
-from pipeline.prepare import IMAGE_SUFFIXES, _decode
+from pipeline.prepare import IMAGE_SUFFIXES, _decode, archive
+from pipeline.prepare.folders import hidden, image_named, read_image_file, utf8
 from pipeline.train.encoder import encode_images, load_encoder
 
 EMBEDDINGS_FORMAT = "nnbyol-embeddings/1"
 # Encoded bytes an archive chunk holds at most: 4096 camera JPEGs would be gigabytes.
 _CHUNK_BYTES = 256 << 20
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
 class Embeddings(NamedTuple):
@@ -72,18 +71,7 @@ class ImageFiles:
 
 def _is_image(name: str) -> bool:
     # Hidden files are skipped, as prepare does: macOS '._x.jpg' forks, .ipynb_checkpoints.
-    parts = PurePosixPath(name).parts
-    return (bool(parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-            and not any(p.startswith(".") for p in parts))
-
-
-def _check_utf8(files: ImageFiles) -> None:
-    for name in files.names:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
-            raise PipelineError(f"image path {ascii(files.shown(name))} is not valid UTF-8; "
-                                "rename it") from None
+    return image_named(name) and not hidden(name)
 
 
 def list_images(root: str | Path) -> ImageFiles:
@@ -105,7 +93,7 @@ def list_images(root: str | Path) -> ImageFiles:
                 dirs[:] = []
                 continue
             seen.add(real)
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            dirs[:] = [d for d in dirs if not hidden(d)]
             rel = Path(folder).relative_to(root)
             names += [(rel / f).as_posix() for f in filenames if _is_image((rel / f).as_posix())]
         files = ImageFiles(root, sorted(names), archive=False)
@@ -116,78 +104,34 @@ def list_images(root: str | Path) -> ImageFiles:
     if not files.names:
         raise PipelineError(f"{shown_path(root)}: no image files "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    _check_utf8(files)
+    for name in files.names:
+        utf8(name, files.shown(name), "image path")
     return files
 
 
-class _StrictTarInfo(tarfile.TarInfo):
-    """A header reader that raises where tarfile quietly ends the archive (a damaged, partial
-    or missing header): only the all-zero end marker ends it, so no image is lost unseen.
-
-    The rule of ``pipeline.prepare.folders._StrictTarInfo``, kept here while that module is
-    rewritten; one home for both once it settles.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            raise
-        except tarfile.HeaderError as e:
-            if tar.offset == 0:  # not a tar at all: tarfile.open tries the next compression
-                raise
-            raise tarfile.ReadError(f"bad or missing header at byte {tar.offset}: "
-                                    f"{e or type(e).__name__}") from None
-
-
-def _open_tar(root: Path) -> tarfile.TarFile:
+def _members(root: Path, wanted: Callable[[tarfile.TarInfo], bool] = lambda m: False,
+             ) -> Iterator[tuple[tarfile.TarInfo, str, bytes | None]]:
+    """:func:`pipeline.prepare.archive.members` of ``root``, its errors in this stage's words."""
     try:
-        return tarfile.open(root, tarinfo=_StrictTarInfo)
-    except _TAR_ERRORS as e:
-        detail = str(e).splitlines()[0].rstrip(":")  # tarfile lists every method it tried
+        yield from archive.members(root, wanted, archive.StrictTarInfo)
+    except archive.NotATar as e:
         raise PipelineError(f"{shown_path(root)} is neither a folder nor a readable tar "
-                            f"archive (plain, gzip, bzip2 or xz): {detail}") from None
-
-
-def _damaged(root: Path, e: BaseException) -> str:
-    return f"{shown_path(root)}: damaged archive ({type(e).__name__}: {e})"
-
-
-def _members(root: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str]]:
-    """(archive, member, its name) of every member, in one sequential pass, to the end."""
-    with _open_tar(root) as tar:
-        try:
-            while (m := tar.next()) is not None:
-                tar.members.clear()  # tarfile keeps every header read: 0.5 GB per million
-                yield tar, m, posixpath.normpath(m.name)  # './a.png' (tar -C dir .): 'a.png'
-            # To the end: a gzip stream checks its CRC only there, and only zero padding may
-            # follow the end marker (else a zeroed header ended the archive early).
-            while block := tar.fileobj.read(1 << 20):
-                if block.count(0) != len(block):
-                    raise tarfile.ReadError("data after the end-of-archive marker")
-        except _TAR_ERRORS as e:
-            raise PipelineError(_damaged(root, e)) from None
+                            f"archive (plain, gzip, bzip2 or xz): {e}") from None
+    except archive.Damaged as e:
+        raise PipelineError(f"{shown_path(root)}: damaged archive ({e})") from None
 
 
 def _list_archive(root: Path) -> ImageFiles:
-    names, links, images = [], {}, []
-    for _, m, name in _members(root):
-        if m.islnk() or m.issym():  # a hard link is the second name of a file archived once
-            # A hard link names a member; a symbolic one is relative to its own folder.
-            base = "" if m.islnk() else posixpath.dirname(name)
-            links[name] = posixpath.normpath(posixpath.join(base, m.linkname))
+    names, targets, images = [], {}, []
+    for m, name, _ in _members(root):
+        if m.islnk() or m.issym():
+            targets[name] = archive.link_target(m)
             if _is_image(name):
                 images.append(name)
         elif m.isfile() and _is_image(name):
             names.append(name)
-    resolved = {}
-    for name in images:
-        target, hops = links[name], 0
-        while target in links and hops <= len(links):  # a link to a link
-            target, hops = links[target], hops + 1
-        resolved[name] = target
-    return ImageFiles(root, names + images, archive=True, links=resolved)
+    return ImageFiles(root, names + images, archive=True,
+                      links={name: archive.follow(name, targets) for name in images})
 
 
 def _raw_chunks(files: ImageFiles, chunk: int) -> Iterator[list[tuple[str, bytes | Path]]]:
@@ -199,12 +143,15 @@ def _raw_chunks(files: ImageFiles, chunk: int) -> Iterator[list[tuple[str, bytes
     # Files, then links, as listed; the bytes of link targets are kept until the end.
     targets, kept = set(files.links.values()), {}
 
+    def wanted(m: tarfile.TarInfo) -> bool:
+        name = posixpath.normpath(m.name)
+        return _is_image(name) or name in targets
+
     def images() -> Iterator[tuple[str, bytes]]:
         i, regular = 0, len(files.names) - len(files.links)
-        for tar, m, name in _members(files.root):
-            if not m.isfile() or not (_is_image(name) or name in targets):
+        for _, name, raw in _members(files.root, wanted):
+            if raw is None:
                 continue
-            raw = tar.extractfile(m).read()
             if name in targets:
                 kept[name] = raw
             if _is_image(name):
@@ -238,13 +185,7 @@ def _load(files: ImageFiles, name: str, raw: bytes | Path, size: int,
 
     shown = files.shown(name)
     if isinstance(raw, Path):
-        try:
-            raw = raw.read_bytes()
-        except OSError as e:
-            what = (f"broken symbolic link to {os.readlink(raw)!r}"
-                    if raw.is_symlink() and not raw.exists() else "cannot read it")
-            raise PipelineError(f"unreadable image {shown}: {what} "
-                                f"({e.strerror or e})") from None
+        raw = read_image_file(raw, shown)
     a = _decode(shown, raw, size)
     if a.ndim == 2:
         a = a[..., None]

@@ -393,3 +393,30 @@ def test_tar_links_lead_through_chains_to_files_outside_the_layout(tmp_path):
     assert list(b.paths) == [f"./{p}" for p in a.paths]
     for name in ("./train/cat/chain.png", "./train/cat/link.png"):
         np.testing.assert_array_equal(b.images[list(b.paths).index(name)], blob)
+
+
+def test_hidden_members_of_an_archive_are_skipped_as_hidden_files_of_a_folder(tmp_path):
+    """macOS tar adds '._name' resource forks beside every file: not images."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from pipeline.io import load_prepared
+    from pipeline.prepare import PrepareParams, prepare
+
+    def png(value):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    archive = tmp_path / "set.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, raw in [("train/a/1.png", png(10)), ("train/a/._1.png", b"\0\5\26\7junk"),
+                          ("train/b/2.png", png(200)), ("test/a/3.png", png(20))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    prepare(PrepareParams(name="imagefolder", root=str(archive)), tmp_path / "prepared")
+    data = load_prepared(tmp_path / "prepared")
+    assert sorted(data.paths) == ["test/a/3.png", "train/a/1.png", "train/b/2.png"]

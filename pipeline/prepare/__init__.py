@@ -2,7 +2,8 @@
 
 The public face; the parts: ``params`` (the ``dataset`` section, ``PrepareParams``),
 ``sources`` (the registries: ``LOADERS`` return a set in memory, ``WRITERS`` write it in
-bounded memory), ``folders`` (image folders and tars), ``images`` (one image file: Pillow's
+bounded memory), ``folders`` (image folders and tars), ``archive`` (strict tar reading,
+shared with ``pipeline.embed``), ``images`` (one image file: Pillow's
 modes by rule), ``splits`` (held-out split and subsample), ``checks`` (``check_data``, the
 log line).
 """

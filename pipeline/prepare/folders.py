@@ -29,7 +29,6 @@ import os
 import posixpath
 import tarfile
 import unicodedata
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -39,6 +38,7 @@ import numpy as np
 
 from pipeline import PipelineError
 from pipeline.io import Prepared, PreparedWriter
+from pipeline.prepare import archive
 from pipeline.prepare.images import _decode, header
 from pipeline.prepare.params import PrepareParams, _require_root
 from pipeline.prepare.splits import CHUNK_BYTES, chunk_rows, keep_rows, stratified_split
@@ -72,7 +72,7 @@ def write_imagefolder(p: PrepareParams, out: str | os.PathLike) -> Prepared:
     classes, labels, split = _labels(entries, root, shown, p)
     keep = keep_rows(split, p)
     heads = (_tar_heads(entries) if root.is_file()
-             else _map(lambda e: header(shown(e), _read(root / e.path)), entries, 256))
+             else _map(lambda e: header(shown(e), read_image_file(root / e.path)), entries, 256))
     shape = _shape(entries, heads, shown, p.resize)
     kept = [e for e, k in zip(entries, keep, strict=True) if k]
     chunk = chunk_rows(shape)
@@ -167,15 +167,36 @@ def _map(fn: Callable, items: list, chunk: int) -> Iterator:
             yield from pool.map(fn, items[start:start + chunk])
 
 
-def _utf8(name: str, shown: str) -> str:
+def utf8(name: str, shown: str, what: str = "imagefolder: the name") -> str:
     """``name``, if valid UTF-8: Python keeps other bytes of a file name as lone surrogates,
-    which no text column (nor JSON) can store."""
+    which no text column (nor JSON) can store; else an error naming it as ``what shown``."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise PipelineError(f"imagefolder: the name {ascii(shown)} is not valid UTF-8; rename "
-                            "it") from None
+        raise PipelineError(f"{what} {ascii(shown)} is not valid UTF-8; rename it") from None
     return name
+
+
+def image_named(name: str) -> bool:
+    """Whether a file name (or a "/"-separated path) ends in one of ``IMAGE_SUFFIXES``."""
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def hidden(path: str) -> bool:
+    """Whether a name, or any folder of a "/"-separated path, is hidden: skipped, like macOS
+    '._x.jpg' forks, .DS_Store and .ipynb_checkpoints."""
+    return any(part.startswith(".") for part in PurePosixPath(path).parts)
+
+
+def read_image_file(f: Path, shown: str | None = None) -> bytes:
+    """The bytes of an image file, or an error naming it (as ``shown``) and why: a broken
+    link is named with its target."""
+    try:
+        return f.read_bytes()
+    except OSError as e:
+        what = (f"broken symbolic link to {os.readlink(f)!r}"
+                if f.is_symlink() and not f.exists() else "cannot read it")
+        raise PipelineError(f"unreadable image {shown or f}: {what} ({e.strerror or e})") from None
 
 
 def _unicode_twins(names: Iterable[str]) -> tuple[str, str] | None:
@@ -203,7 +224,7 @@ def _refuse_empty_classes(empty: list[str]) -> None:
 def _list_folder(root: Path) -> list[_Entry]:
     """Every image under root/train/<class>/, root/test/<class>/ and root/unlabeled/, by name."""
     if not (root / "train").is_dir():
-        loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        loose = [f for f in root.iterdir() if image_named(f.name)]
         if loose:
             raise PipelineError(f"imagefolder layout: {str(root)!r} holds images ({loose[0].name}"
                                 f", ...) but no train/ folder; {_LAYOUT}")
@@ -214,7 +235,7 @@ def _list_folder(root: Path) -> list[_Entry]:
         d = root / split
         if not d.is_dir():
             continue
-        stray = [f.name for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
+        stray = [f.name for f in d.iterdir() if f.is_file() and not hidden(f.name)]
         if stray:
             raise PipelineError(
                 f"imagefolder layout: file {str(d / stray[0])!r} lies outside a class folder"
@@ -223,16 +244,16 @@ def _list_folder(root: Path) -> list[_Entry]:
             files = _images_in(cls_dir)
             if not files:
                 empty.append(str(cls_dir))
-            entries += [_Entry(split, _utf8(cls_dir.name, str(cls_dir)),
-                               _utf8(f"{split}/{cls_dir.name}/{f.name}", str(f))) for f in files]
+            entries += [_Entry(split, utf8(cls_dir.name, str(cls_dir)),
+                               utf8(f"{split}/{cls_dir.name}/{f.name}", str(f))) for f in files]
     d = root / "unlabeled"
     if d.is_dir():
-        nested = [f for f in sorted(d.iterdir()) if f.is_dir() and not f.name.startswith(".")]
+        nested = [f for f in sorted(d.iterdir()) if f.is_dir() and not hidden(f.name)]
         if nested:
             raise PipelineError(f"imagefolder layout: {str(nested[0])!r} is a folder; "
                                 "unlabeled/ holds images directly (label -1): put class "
                                 "folders in train/<class>/")
-        entries += [_Entry("unlabeled", "", _utf8(f"unlabeled/{f.name}", str(f)))
+        entries += [_Entry("unlabeled", "", utf8(f"unlabeled/{f.name}", str(f)))
                     for f in _images_in(d)]
     _refuse_empty_classes(empty)
     return entries
@@ -241,24 +262,15 @@ def _list_folder(root: Path) -> list[_Entry]:
 def _images_in(d: Path) -> list[Path]:
     # Every visible file is an image to be read; a dangling link named like an image is an
     # image lost: kept, so reading it fails.
-    return [f for f in sorted(d.iterdir()) if not f.name.startswith(".") and (
-        f.is_file() or f.is_symlink() and f.suffix.lower() in IMAGE_SUFFIXES)]
-
-
-def _read(f: Path) -> bytes:
-    try:
-        return f.read_bytes()
-    except OSError as e:
-        what = (f"broken symbolic link to {os.readlink(f)!r}"
-                if f.is_symlink() and not f.exists() else "cannot read it")
-        raise PipelineError(f"unreadable image {f}: {what} ({e.strerror or e})") from None
+    return [f for f in sorted(d.iterdir()) if not hidden(f.name) and (
+        f.is_file() or f.is_symlink() and image_named(f.name))]
 
 
 def _folder_pixels(root: Path, kept: list[_Entry], resize: int | None,
                    chunk: int) -> Iterator[tuple[Iterable[int], str, np.ndarray]]:
     def load(e: _Entry) -> tuple[str, np.ndarray]:
         name = str(root / e.path)
-        return name, _decode(name, _read(root / e.path), resize)
+        return name, _decode(name, read_image_file(root / e.path), resize)
 
     for row, (name, a) in enumerate(_map(load, kept, chunk)):
         yield [row], name, a
@@ -267,60 +279,19 @@ def _folder_pixels(root: Path, kept: list[_Entry], resize: int | None,
 # -------------------------------------------------------------------------------- a tar
 
 
-class _StrictTarInfo(tarfile.TarInfo):
-    """A tar header reader that reports damage: tarfile ends the archive at a bad header.
-
-    Only an all-zero block (the end-of-archive marker) ends the archive quietly; a header
-    with a bad checksum, a partial block or a file that stops without the marker raises.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            raise
-        except tarfile.HeaderError as e:
-            if tar.offset == 0:  # not a tar at all (tarfile.open tries other compressions)
-                raise
-            reason = "the archive ends without its end marker" if isinstance(
-                e, tarfile.EmptyHeaderError) else f"bad header at byte {tar.offset}: {e}"
-            raise tarfile.ReadError(reason) from None
-
-
 def _tar_members(root: Path, wanted: Callable[[tarfile.TarInfo], bool],
-                 ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
-    """Every member of the tar ``root`` in archive order, with the bytes of the regular files
-    ``wanted``, read in one sequential pass (random access into a .tar.gz restarts
-    decompression).
-
-    Any damage (bad header, truncated or corrupt compression, gzip CRC) is an error naming
-    the last member read: a partly read archive would silently lose images.
-    """
+                 ) -> Iterator[tuple[tarfile.TarInfo, str, bytes | None]]:
+    """:func:`pipeline.prepare.archive.members` of the tar ``root``: any damage is an error
+    naming the last member read (a partly read archive would silently lose images)."""
     try:
-        tar = tarfile.open(root, tarinfo=_StrictTarInfo)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        detail = str(e).splitlines()[0].rstrip(":")  # tarfile lists every method it tried
+        yield from archive.members(root, wanted)
+    except archive.NotATar as e:
         raise PipelineError(f"dataset.root {str(root)!r} is a file but not a readable tar "
-                            f"archive (plain, gzip, bzip2 or xz): {detail}") from None
-    last = None
-    try:
-        with tar:
-            while (m := tar.next()) is not None:
-                tar.members.clear()  # tarfile keeps every header read: 0.5 GB per million
-                raw = tar.extractfile(m).read() if m.isfile() and wanted(m) else None
-                last = m.name
-                yield m, raw
-            # Read to the end: a gzip stream checks its CRC and length only there, and only
-            # zero padding may follow the end marker (else a zeroed header ended it early).
-            while chunk := tar.fileobj.read(1 << 20):
-                if chunk.count(0) != len(chunk):
-                    raise tarfile.ReadError("data after the end-of-archive marker (a zeroed "
-                                            "header?)")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        where = f"after member {last!r}" if last else "before its first member"
+                            f"archive (plain, gzip, bzip2 or xz): {e}") from None
+    except archive.Damaged as e:
+        where = f"after member {e.last!r}" if e.last else "before its first member"
         raise PipelineError(f"dataset.root {str(root)!r}: damaged archive, unreadable {where} "
-                            f"({type(e).__name__}: {e})") from None
+                            f"({e})") from None
 
 
 def _scan_tar(root: Path) -> list[_Entry]:
@@ -330,10 +301,9 @@ def _scan_tar(root: Path) -> list[_Entry]:
     forward, so they resolve once every member is known).
     """
     entries, dirs, links, others = [], set(), {}, {}
-    for m, raw in _tar_members(root, lambda m: _place(m, root) is not None):
-        name = posixpath.normpath(m.name)  # "./train/a" is "train/a", as tarfile finds links
+    for m, name, raw in _tar_members(root, lambda m: _place(m, root) is not None):
         if m.isdir() and posixpath.basename(posixpath.dirname(name)) in ("train", "test"):
-            dirs.add(_utf8(name, f"{root}/{m.name}"))
+            dirs.add(utf8(name, f"{root}/{m.name}"))
         if m.islnk() or m.issym():
             links[name] = m
         place = _place(m, root)
@@ -341,10 +311,10 @@ def _scan_tar(root: Path) -> list[_Entry]:
             if m.isfile():
                 others[name] = m.offset
         elif m.isfile():
-            entries.append(_Entry(*place, _utf8(m.name, f"{root}/{m.name}"), m.offset,
+            entries.append(_Entry(*place, utf8(m.name, f"{root}/{m.name}"), m.offset,
                                   _tar_head(m.name, raw)))
         else:
-            entries.append(_Entry(*place, _utf8(m.name, f"{root}/{m.name}")))
+            entries.append(_Entry(*place, utf8(m.name, f"{root}/{m.name}")))
     filled = {posixpath.dirname(posixpath.normpath(e.path)) for e in entries}
     _refuse_empty_classes(sorted(d for d in dirs if d not in filled))
     if links:
@@ -355,11 +325,12 @@ def _scan_tar(root: Path) -> list[_Entry]:
 def _place(m: tarfile.TarInfo, root: Path) -> tuple[str, str] | None:
     """(split, class) of an image member of the layout; None for any other member."""
     path = PurePosixPath(m.name)
-    if not (m.isfile() or m.islnk() or m.issym()) or path.suffix.lower() not in IMAGE_SUFFIXES:
+    if (not (m.isfile() or m.islnk() or m.issym()) or not image_named(m.name)
+            or hidden(m.name)):  # e.g. macOS's ._x.jpg resource forks, skipped as on disk
         return None
     parts = path.parts
     if len(parts) >= 3 and parts[-3] in ("train", "test"):
-        return parts[-3], _utf8(parts[-2], f"{root}/{m.name}")
+        return parts[-3], utf8(parts[-2], f"{root}/{m.name}")
     if len(parts) >= 2 and parts[-2] == "unlabeled":
         return "unlabeled", ""
     if len(parts) >= 3 and parts[-3] == "unlabeled":
@@ -390,16 +361,11 @@ def _follow_links(root: Path, entries: list[_Entry], links: dict[str, tarfile.Ta
     files = {**others, **{posixpath.normpath(e.path): e.member for e in entries
                           if e.member >= 0}}
     heads = {e.member: e.head for e in entries if e.member >= 0}
+    targets = {name: archive.link_target(m) for name, m in links.items()}
     resolved = []
     for e in entries:
         if e.member < 0:
-            name = posixpath.normpath(e.path)
-            for _ in range(len(links) + 1):  # a chain of links, as tarfile follows it
-                if name in files or name not in links:
-                    break
-                m = links[name]
-                name = posixpath.normpath(m.linkname if m.islnk() else posixpath.join(
-                    posixpath.dirname(m.name), m.linkname))
+            name = archive.follow(posixpath.normpath(e.path), targets)
             if name not in files:  # out of the archive, to a folder, or a loop
                 m = links[posixpath.normpath(e.path)]
                 kind = "hard" if m.islnk() else "symbolic"
@@ -410,7 +376,7 @@ def _follow_links(root: Path, entries: list[_Entry], links: dict[str, tarfile.Ta
         resolved.append(e)
     missing = {e.member for e in resolved if e.head is None}
     if missing:  # links to files outside the layout: one more pass reads their headers
-        raw = {m.offset: data for m, data in _tar_members(root, lambda m: m.offset in missing)
+        raw = {m.offset: data for m, _, data in _tar_members(root, lambda m: m.offset in missing)
                if data is not None}
         resolved = [e if e.head is not None else e._replace(head=_tar_head(e.path, raw[e.member]))
                     for e in resolved]
@@ -434,7 +400,7 @@ def _tar_pixels(root: Path, kept: list[_Entry], resize: int | None,
             arrays = pool.map(lambda b: _decode(b[1], b[2], resize), batch)
             return [(rows, name, a) for (rows, name, _), a in zip(batch, arrays, strict=True)]
 
-        for m, raw in _tar_members(root, lambda m: len(rows_of(m)) > 0):
+        for m, _, raw in _tar_members(root, lambda m: len(rows_of(m)) > 0):
             if raw is None:
                 continue
             rows = rows_of(m)
