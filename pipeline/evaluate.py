@@ -1,4 +1,10 @@
-"""Evaluation of frozen features: logistic-regression probe and weighted kNN (top-1, top-5)."""
+"""Evaluation of frozen features: logistic-regression probe and weighted kNN (top-1, top-5).
+
+Bounded memory: raw pixels are read from the memory-mapped prepared set a chunk at a time
+(``pipeline.features.PixelMatrix``), the kNN keeps a running top-k over chunks of test and
+training rows, and above ``evaluate.torch_probe_above`` the probe is the torch one, which
+streams its training features through every L-BFGS step.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError
-from pipeline.features import latent_features, pixel_features
+from pipeline import io as _io  # CHUNK read at call time: tests shrink it
+from pipeline.features import Features, blocks, gather, latent_features, pixel_features, select
 from pipeline.io import Prepared, is_prepared, load_prepared, provenance, write_json
 
 
@@ -20,6 +27,8 @@ class EvaluateParams:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
     knn_temperature: float = 0.07
     untrained: bool = True
+    probe: str = "auto"
+    torch_probe_above: int = 50_000_000
 
 
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -37,20 +46,23 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return (order == labels[:, None]).any(axis=1)
 
 
-def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int,
-    C: float = 1.0, max_iter: int = 1000, seed: int = 0,
+def _classes(train_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes present in training, sorted, and each label's position among them."""
+    classes, y = np.unique(train_y, return_inverse=True)
+    if len(classes) < 2:
+        raise PipelineError(f"the linear probe needs labelled training images of at least 2 "
+                            f"classes, got {len(classes)}")
+    return classes, y
+
+
+def sklearn_probe(
+    train_x: Features, train_y: np.ndarray, test_x: Features, n_classes: int,
+    C: float = 1.0, max_iter: int = 1000, seed: int = 0, device: str = "cpu",
 ) -> np.ndarray:
-    """Class probabilities of a standardised multinomial logistic regression.
+    """scikit-learn's StandardScaler + LogisticRegression (L-BFGS), features in memory.
 
-    Args:
-        train_x: (N, D) features of labelled training images.
-        train_y: (N,) int labels in [0, n_classes).
-        test_x: (M, D) features of test images.
-        n_classes: width of the output; classes absent from training get probability 0.
-
-    Returns:
-        (M, n_classes) float64 probabilities.
+    Pixel features are read whole here (as float32): auto picks this probe only below
+    ``evaluate.torch_probe_above``. ``device`` is unused (scikit-learn runs on the CPU).
     """
     import warnings
 
@@ -59,15 +71,161 @@ def linear_probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    _classes(train_y)
     clf = make_pipeline(
         StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(train_x, train_y)
+        clf.fit(gather(train_x), train_y)
     scores = np.zeros((len(test_x), n_classes))
-    scores[:, clf.classes_] = clf.predict_proba(test_x)
+    for start, block in blocks(test_x):
+        scores[start:start + len(block), clf.classes_] = clf.predict_proba(block)
     return scores
+
+
+def standardiser(x: Features, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale of scikit-learn's StandardScaler fitted on ``x``, in two chunked passes.
+
+    Float64 sums of the values, then of their squared deviations; scale 1 for the features
+    StandardScaler counts as constant (its ``_is_constant_feature`` rule), so that
+    ``(x - mean) / scale`` is its transform.
+
+    Returns:
+        mean, scale: (D,) float64.
+    """
+    n, d = x.shape
+    total, sq = np.zeros(d), np.zeros(d)
+    for _, block in blocks(x, chunk):
+        total += block.sum(axis=0, dtype=np.float64)
+    mean = total / n
+    for _, block in blocks(x, chunk):
+        sq += ((block - mean) ** 2).sum(axis=0)
+    var = sq / n
+    eps = np.finfo(np.float64).eps
+    scale = np.sqrt(var)
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    scale[constant | (scale < 10 * eps)] = 1.0
+    return mean, scale
+
+
+# Training features up to this many bytes (as float64) stay converted on a CPU between
+# L-BFGS steps; above it each step reads them again, a chunk at a time.
+PROBE_CACHE_BYTES = 256 << 20
+
+
+def torch_probe(
+    train_x: Features, train_y: np.ndarray, test_x: Features, n_classes: int,
+    C: float = 1.0, max_iter: int = 1000, seed: int = 0, device: str = "cpu",
+    chunk: int | None = None,
+) -> np.ndarray:
+    """Multinomial logistic regression on standardised features, in torch, streamed in chunks.
+
+    The objective and solver of :func:`sklearn_probe`: the mean cross-entropy plus
+    ``||W||^2 / (2 C N)`` (scikit-learn's sum of cross-entropies + ``||W||^2 / (2 C)``, divided
+    by N; no penalty on the intercept; a single logistic vector for two classes), minimised
+    by full-batch L-BFGS from zero (history 10, strong Wolfe line search, stopping when no
+    gradient entry exceeds 1e-4, as scipy's ``gtol``) in float64. The standardisation
+    (:func:`standardiser`) is folded into the weights, so a chunk of raw features enters the
+    product as it is read: the gradient of one step is accumulated over chunks of
+    ``chunk`` rows (``pipeline.io.CHUNK``), and pixel features never exist as one float
+    array. No randomness: ``seed`` is accepted for the probes' common signature.
+
+    Args:
+        train_x: (N, D) training features (an array, or pixels read where indexed).
+        train_y: (N,) int labels in [0, n_classes).
+        test_x: (M, D) test features.
+        device: where to run (``auto``, ``cpu``, ``cuda[:N]``, or a torch.device).
+
+    Returns:
+        (M, n_classes) float64 probabilities; classes absent from training get 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.device import resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    classes, y = _classes(train_y)
+    binary = len(classes) == 2
+    n, d = train_x.shape
+    mean, scale = standardiser(train_x, chunk)
+    f64 = {"dtype": torch.float64, "device": dev}
+    inv, shift = torch.tensor(1.0 / scale, **f64), torch.tensor(mean / scale, **f64)
+    w = torch.zeros(d, 1 if binary else len(classes), **f64, requires_grad=True)
+    b = torch.zeros(w.shape[1], **f64, requires_grad=True)
+    y_all = torch.from_numpy(y).to(dev)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        # ((x - mean) / scale) @ w + b, without a standardised copy of x
+        return x @ (w * inv[:, None]) + (b - shift @ w)
+
+    def to_device(block: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.require(block, requirements="W")).to(**f64)
+
+    budget = (torch.cuda.mem_get_info(dev)[0] // 4 if dev.type == "cuda"
+              else PROBE_CACHE_BYTES)
+    cache = [(s, to_device(x)) for s, x in blocks(train_x, chunk)] if n * d * 8 <= budget \
+        else None
+
+    def closure() -> float:
+        opt.zero_grad()
+        total = 0.0
+        for start, x in cache or ((s, to_device(x)) for s, x in blocks(train_x, chunk)):
+            z, yb = logits(x), y_all[start:start + len(x)]
+            loss = (F.binary_cross_entropy_with_logits(z[:, 0], yb.double(), reduction="sum")
+                    if binary else F.cross_entropy(z, yb, reduction="sum")) / n
+            loss.backward()
+            total += loss.item()
+        penalty = (w * w).sum() / (2 * C * n)
+        penalty.backward()
+        return total + penalty.item()
+
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-4,
+                            tolerance_change=64 * np.finfo(np.float64).eps, history_size=10,
+                            line_search_fn="strong_wolfe")
+    opt.step(closure)
+    scores = np.zeros((len(test_x), n_classes))
+    with torch.no_grad():
+        for start, x in blocks(test_x, chunk):
+            z = logits(to_device(x))
+            p = (torch.cat([1 - torch.sigmoid(z), torch.sigmoid(z)], 1) if binary
+                 else torch.softmax(z, 1))
+            scores[start:start + len(x), classes] = p.cpu().numpy()
+    return scores
+
+
+PROBES = {"sklearn": sklearn_probe, "torch": torch_probe}
+
+
+def probe_method(probe: str, n: int, d: int, torch_above: int) -> str:
+    """The probe that runs: ``probe`` itself, or for ``auto`` scikit-learn's unless the
+    training features hold more than ``torch_above`` values (N x D)."""
+    if probe == "auto":
+        return "torch" if n * d > torch_above else "sklearn"
+    return probe
+
+
+def linear_probe(
+    train_x: Features, train_y: np.ndarray, test_x: Features, n_classes: int,
+    C: float = 1.0, max_iter: int = 1000, seed: int = 0, method: str = "sklearn",
+    device: str = "cpu",
+) -> np.ndarray:
+    """Class probabilities of a standardised multinomial logistic regression.
+
+    Args:
+        train_x: (N, D) features of labelled training images.
+        train_y: (N,) int labels in [0, n_classes).
+        test_x: (M, D) features of test images.
+        n_classes: width of the output; classes absent from training get probability 0.
+        method: ``sklearn`` (:func:`sklearn_probe`) or ``torch`` (:func:`torch_probe`).
+
+    Returns:
+        (M, n_classes) float64 probabilities.
+    """
+    if method not in PROBES:
+        raise PipelineError(f"unknown probe {method!r}; use one of: {', '.join(PROBES)}")
+    return PROBES[method](train_x, train_y, test_x, n_classes, C, max_iter, seed, device)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -75,15 +233,69 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def knn_scores(
+    train_x: Features, train_y: np.ndarray, test_x: Features, n_classes: int, ks: list[int],
+    temperature: float = 0.07, chunk: int | None = None, train_chunk: int | None = None,
+) -> dict[int, np.ndarray]:
+    """Weighted kNN class scores for each k in ``ks``, from one search for the largest.
+
+    Each chunk of ``chunk`` test rows (1024, or ``pipeline.io.CHUNK`` if fewer) is compared
+    with the training rows ``train_chunk`` (``pipeline.io.CHUNK``) at a time, keeping a
+    running top-k: no (M, N) similarity matrix, at most (1024, CHUNK) similarities at once.
+    Features in memory are L2-normalised once (a copy the size of the features); pixel
+    features are read and normalised a chunk at a time, for every test chunk.
+
+    Returns:
+        ``{k: (M, n_classes) float64 scores}`` as :func:`weighted_knn_scores`.
+    """
+    n = len(train_x)
+    kmax = min(max(ks), n)
+    chunk, step = chunk or min(1024, _io.CHUNK), train_chunk or _io.CHUNK
+    unit = _unit(train_x) if isinstance(train_x, np.ndarray) else None
+
+    def train_blocks():
+        if unit is not None:
+            yield from ((s, unit[s:s + step]) for s in range(0, n, step))
+        else:
+            yield from ((s, _unit(x)) for s, x in blocks(train_x, step))
+
+    out = {k: np.zeros((len(test_x), n_classes)) for k in ks}
+    for start, q in blocks(test_x, chunk):
+        q = _unit(q)
+        best_s, best_i = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        for s, a in train_blocks():
+            sims = q @ a.T
+            if sims.shape[1] > kmax:
+                top = np.argpartition(-sims, kmax - 1, axis=1)[:, :kmax]
+                sims, pos = np.take_along_axis(sims, top, 1), top + s
+            else:
+                pos = np.broadcast_to(np.arange(s, s + len(a)), sims.shape)
+            best_s, best_i = np.concatenate([best_s, sims], 1), np.concatenate([best_i, pos], 1)
+            if best_s.shape[1] > kmax:
+                top = np.argpartition(-best_s, kmax - 1, axis=1)[:, :kmax]
+                best_s = np.take_along_axis(best_s, top, 1)
+                best_i = np.take_along_axis(best_i, top, 1)
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        weights = np.exp(np.take_along_axis(best_s, order, 1).astype(np.float64) / temperature)
+        labels = train_y[np.take_along_axis(best_i, order, 1)]
+        rows = np.broadcast_to(np.arange(len(q))[:, None], labels.shape)
+        for k in ks:
+            kk = min(k, n)
+            np.add.at(out[k][start:start + len(q)], (rows[:, :kk], labels[:, :kk]),
+                      weights[:, :kk])
+    return out
+
+
 def weighted_knn_scores(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int,
-    temperature: float = 0.07, chunk: int = 1024,
+    train_x: Features, train_y: np.ndarray, test_x: Features, n_classes: int, k: int,
+    temperature: float = 0.07, chunk: int | None = None, train_chunk: int | None = None,
 ) -> np.ndarray:
     """Weighted kNN class scores, as solo-learn's WeightedKNNClassifier and lightly's knn_predict.
 
     Features are L2-normalised; each test image takes its k most cosine-similar training
     images (k capped at the number of training images), and each neighbour adds
-    ``exp(similarity / temperature)`` to the score of its label.
+    ``exp(similarity / temperature)`` to the score of its label. Computed in chunks of test
+    and training rows (:func:`knn_scores`).
 
     Args:
         train_x: (N, D) training features; train_y: (N,) int labels in [0, n_classes).
@@ -92,17 +304,8 @@ def weighted_knn_scores(
     Returns:
         (M, n_classes) float64 scores.
     """
-    a, b = _unit(train_x), _unit(test_x)
-    k = min(k, len(a))
-    out = np.zeros((len(b), n_classes))
-    for start in range(0, len(b), chunk):
-        sims = b[start:start + chunk] @ a.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        weights = np.exp(np.take_along_axis(sims, top, axis=1).astype(np.float64) / temperature)
-        rows = np.arange(len(top))[:, None]
-        np.add.at(out[start:start + chunk], (np.broadcast_to(rows, top.shape), train_y[top]),
-                  weights)
-    return out
+    return knn_scores(train_x, train_y, test_x, n_classes, [k], temperature, chunk,
+                      train_chunk)[k]
 
 
 def accuracies(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float | None]:
@@ -119,7 +322,7 @@ def per_class(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> list[fl
 
 
 def pca_map(
-    feats: np.ndarray, fit: np.ndarray, show: np.ndarray, max_points: int = 2000,
+    feats: Features, fit: np.ndarray, show: np.ndarray, max_points: int = 2000,
     max_fit: int = 5000,
 ) -> dict[str, list]:
     """2-D PCA of L2-normalised features: fit on rows ``fit``, coordinates of rows ``show``.
@@ -138,18 +341,19 @@ def pca_map(
     fit_rows, rows = spaced(fit, max_fit), spaced(show, max_points)
     n_comp = min(2, feats.shape[1], len(fit_rows))
     pca = PCA(n_components=n_comp, svd_solver="randomized", random_state=0)
-    pca.fit(_unit(feats[fit_rows]))
-    xy = np.pad(pca.transform(_unit(feats[rows])), ((0, 0), (0, 2 - n_comp)))
+    pca.fit(_unit(gather(feats, fit_rows)))
+    xy = np.pad(pca.transform(_unit(gather(feats, rows))), ((0, 0), (0, 2 - n_comp)))
     explained = np.pad(pca.explained_variance_ratio_, (0, 2 - n_comp))
     return {"rows": rows.tolist(), "xy": np.round(xy, 4).tolist(),
             "explained": [round(float(v), 4) for v in explained]}
 
 
-def features_for(source: str | Path, data: Prepared, device: str) -> tuple[np.ndarray, dict]:
+def features_for(source: str | Path, data: Prepared, device: str) -> tuple[Features, dict]:
     """Features of every prepared image from a source chosen by its file type.
 
-    The prepared folder itself means raw pixels, ``.parquet`` a latent export,
-    ``.pt`` an encoder checkpoint of any method (or the untrained control).
+    The prepared folder itself means raw pixels (a :class:`~pipeline.features.PixelMatrix`,
+    read where indexed), ``.parquet`` a latent export, ``.pt`` an encoder checkpoint of any
+    method (or the untrained control); these two in memory, (N, D) float32.
     """
     source = Path(source)
     if is_prepared(source):
@@ -187,20 +391,22 @@ def evaluate(
     data = load_prepared(data_path)
     feats, summary = features_for(source, data, device)
     columns = run_columns(source, summary)
-    if not np.isfinite(feats).all():
+    if isinstance(feats, np.ndarray) and not np.isfinite(feats).all():  # pixels always are
         raise PipelineError(f"{source}: features contain NaN or infinite values")
     tr = (data.split == "train") & (data.labels >= 0)
     te = (data.split == "test") & (data.labels >= 0)
     if not tr.any() or not te.any():
         raise PipelineError(f"{data_path}: need labelled train and test images to evaluate")
-    x_tr, y_tr, x_te, y_te = feats[tr], data.labels[tr], feats[te], data.labels[te]
+    x_tr, y_tr, x_te, y_te = select(feats, tr), data.labels[tr], select(feats, te), data.labels[te]
     n_classes = max(len(data.classes), int(max(y_tr.max(), y_te.max())) + 1)
-    probe = linear_probe(x_tr, y_tr, x_te, n_classes, params.C, params.max_iter, seed or 0)
+    method = probe_method(params.probe, *x_tr.shape, params.torch_probe_above)
+    probe = linear_probe(x_tr, y_tr, x_te, n_classes, params.C, params.max_iter, seed or 0,
+                         method, device)
     scores = {"": probe}
+    knn = knn_scores(x_tr, y_tr, x_te, n_classes, params.knn_k, params.knn_temperature)
     used = {}
     for k in params.knn_k:
-        scores[f"knn{k}_"] = weighted_knn_scores(x_tr, y_tr, x_te, n_classes, k,
-                                                 params.knn_temperature)
+        scores[f"knn{k}_"] = knn[k]
         # The column keeps the configured k's name; knn<k>_k says how many voted.
         used[f"knn{k}_k"] = min(k, len(x_tr))
         if used[f"knn{k}_k"] < k:
@@ -216,6 +422,7 @@ def evaluate(
         **metrics,
         **used,
         "feature_dim": int(feats.shape[1]),
+        "probe": method,
         "n_train": int(tr.sum()),
         "n_test": int(te.sum()),
         "n_classes": n_classes,

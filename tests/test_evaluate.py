@@ -9,10 +9,14 @@ from pipeline.evaluate import (
     EvaluateParams,
     accuracies,
     evaluate,
+    knn_scores,
     linear_probe,
+    sklearn_probe,
     topk_correct,
+    torch_probe,
     weighted_knn_scores,
 )
+from pipeline.features import PixelMatrix, gather, pixel_features, select
 from pipeline.io import read_json
 from pipeline.prepare import PrepareParams, prepare
 from pipeline.train.grid import Run
@@ -352,3 +356,159 @@ def test_knn_columns_say_the_k_that_voted_when_training_images_are_fewer(tmp_pat
     assert "evaluate.knn_k 20 " not in out
     aggregate([tmp_path / "pixels.json"], tmp_path / "t.csv")
     assert pd.read_csv(tmp_path / "t.csv").loc[0, "knn200_k"] == 128
+
+
+def _digits_pixels(tmp_path):
+    """The digits set as prepared (its own train/test split): pixel features and labels."""
+    data = prepare(PrepareParams(), tmp_path / "digits")
+    tr, te = data.split == "train", data.split == "test"
+    x = pixel_features(data)
+    return select(x, tr), data.labels[tr], select(x, te), data.labels[te]
+
+
+def test_torch_probe_agrees_with_sklearn_on_digits(tmp_path):
+    """Same objective, both L-BFGS to scipy's stopping rule: on digits' 1438 / 359 split
+    (64 pixels, C = 1) they predict the same class for every test image (top-1 0.9554 each)
+    and their probabilities differ by at most 0.0090, by 8.5e-5 on average (measured)."""
+    x, y, xt, yt = _digits_pixels(tmp_path)
+    ref = sklearn_probe(x, y, xt, 10)
+    ours = torch_probe(x, y, xt, 10, chunk=100)  # the gradient summed over 14 chunks
+    assert abs(topk_correct(ours, yt, 1).mean() - topk_correct(ref, yt, 1).mean()) <= 0.01
+    assert np.abs(ours - ref).max() < 0.02 and np.abs(ours - ref).mean() < 1e-3
+    np.testing.assert_allclose(ours.sum(axis=1), 1.0)
+    # Deterministic; chunking changes only the order of the sums.
+    np.testing.assert_array_equal(torch_probe(x, y, xt, 10, chunk=100), ours)
+    np.testing.assert_allclose(torch_probe(x, y, xt, 10), ours, atol=1e-6)
+    # Two classes: one logistic vector, as scikit-learn's binary model.
+    keep = np.flatnonzero(np.isin(y, [3, 8]))
+    ref2 = sklearn_probe(select(x, keep), y[keep], xt, 10)
+    ours2 = torch_probe(select(x, keep), y[keep], xt, 10)
+    assert (ours2[:, [3, 8]] > 0).all() and (np.delete(ours2, [3, 8], axis=1) == 0).all()
+    assert np.abs(ours2 - ref2).max() < 0.02  # measured 0.0094
+
+
+def test_standardiser_is_standard_scaler_in_chunks():
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.evaluate import standardiser
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, (101, 5)).astype(np.float32)
+    x[:, 2] = 7.0  # constant: scale 1, as StandardScaler
+    mean, scale = standardiser(x, chunk=10)
+    ref = StandardScaler().fit(x)
+    np.testing.assert_allclose(mean, ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(scale, ref.scale_, rtol=1e-10)
+    assert scale[2] == 1.0
+
+
+def test_probe_method_by_size_and_name():
+    from pipeline import PipelineError
+    from pipeline.evaluate import probe_method
+
+    assert probe_method("auto", 1000, 64, 64_000) == "sklearn"
+    assert probe_method("auto", 1001, 64, 64_000) == "torch"
+    assert probe_method("sklearn", 10**9, 3072, 0) == "sklearn"
+    with pytest.raises(PipelineError, match=r"^unknown probe 'sgd'; use one of: sklearn, torch$"):
+        linear_probe(np.zeros((4, 2)), np.array([0, 1, 0, 1]), np.zeros((1, 2)), 2, method="sgd")
+
+
+def test_chunked_pixel_knn_equals_the_in_memory_computation():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (90, 4, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 6, 90)
+    x = PixelMatrix(images)
+    train, test = np.arange(70), np.arange(70, 90)
+    dense_tr, dense_te = gather(x, train), gather(x, test)
+    # Lazy pixels in chunks of 3 test and 8 training rows against one block of everything.
+    ours = knn_scores(select(x, train), labels[train], select(x, test), 6, [1, 5, 20, 200],
+                      0.07, chunk=3, train_chunk=8)
+    for k in (1, 5, 20, 200):
+        whole = weighted_knn_scores(dense_tr, labels[train], dense_te, 6, k, 0.07,
+                                    chunk=len(test), train_chunk=len(train))
+        np.testing.assert_allclose(ours[k], whole, rtol=1e-5)
+        np.testing.assert_allclose(ours[k], brute_force_knn(dense_tr, labels[train], dense_te,
+                                                            6, k, 0.07), rtol=1e-4)
+
+
+class CountingImages:
+    """A prepared set's images that record how many rows each read returns."""
+
+    def __init__(self, images):
+        self.images, self.reads = images, []
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        out = self.images[key]
+        self.reads.append(len(out) if out.ndim == self.ndim else 1)
+        return out
+
+
+@pytest.mark.parametrize("probe", ["sklearn", "torch"])
+def test_evaluate_reads_the_prepared_folder_a_chunk_at_a_time(tmp_path, monkeypatch, probe):
+    import pipeline.evaluate as ev
+    from pipeline import io
+    from pipeline.io import load_prepared
+
+    prepare(PrepareParams(), tmp_path / "d")
+    params = EvaluateParams(probe=probe, knn_k=[5, 20])
+    whole = evaluate(params, "pixels", tmp_path / "d", tmp_path / "d", tmp_path / "a.json",
+                     dataset="digits")
+    counted = []
+
+    def counting_load(path):
+        data = load_prepared(path)
+        data.images = CountingImages(data.images)
+        counted.append(data.images)
+        return data
+
+    monkeypatch.setattr(io, "CHUNK", 64)
+    monkeypatch.setattr(ev, "load_prepared", counting_load)
+    chunked = evaluate(params, "pixels", tmp_path / "d", tmp_path / "d", tmp_path / "b.json",
+                       dataset="digits")
+    reads = counted[0].reads
+    assert max(reads) <= 64 and sum(reads) > 1797  # every image, 64 at most at a time
+    assert chunked["probe"] == whole["probe"] == probe
+    for key in ("top1", "top5", "knn5_top1", "knn5_top5", "knn20_top1", "knn20_top5",
+                "per_class_top1", "pca_test"):
+        assert chunked[key] == whole[key], key
+
+
+def test_encoder_features_from_the_memory_map_equal_those_in_memory(tmp_path):
+    """encode_images reads the read-only map a batch at a time (no torch warning), also just
+    some rows; write_untrained's statistics are those of the training rows."""
+    import warnings
+
+    import torch
+
+    from pipeline.io import TRAINING_SPLITS, load_prepared
+    from pipeline.train.encoder import (
+        channel_stats,
+        encode_checkpoint,
+        encode_images,
+        write_untrained,
+    )
+
+    prepare(PrepareParams(name="synthetic"), tmp_path / "d")
+    write_untrained("smallconv", 0, tmp_path / "d", tmp_path / "enc.pt")
+    data = load_prepared(tmp_path / "d")
+    assert isinstance(data.images, np.memmap)
+    expected, _ = encode_images(tmp_path / "enc.pt", np.array(data.images), "cpu")
+    rows = np.flatnonzero(data.split == "test")[::2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mapped, summary = encode_checkpoint(tmp_path / "enc.pt", data, "cpu", batch_size=7)
+        some, _ = encode_checkpoint(tmp_path / "enc.pt", data, "cpu", batch_size=7, rows=rows)
+    np.testing.assert_allclose(mapped, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(some, expected[rows], rtol=1e-5, atol=1e-6)
+    assert summary["stage"] == "untrained" and mapped.dtype == np.float32
+    train = data.rows(*TRAINING_SPLITS)
+    mean, std = channel_stats(data.images, chunk=5, rows=train)
+    ref = np.array(data.images)[train].astype(np.float64) / 255
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 1, 2)), rtol=1e-8)
+    ck = torch.load(tmp_path / "enc.pt", weights_only=True)
+    np.testing.assert_allclose(ck["mean"].numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(ck["std"].numpy(), std, rtol=1e-6)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import PipelineError
-from pipeline.features import align, pixel_features
+from pipeline.features import PixelMatrix, align, blocks, gather, pixel_features, select
 from pipeline.io import Prepared
 
 
@@ -40,4 +40,43 @@ def test_pixel_features_flatten_and_scale_to_unit_float32():
                     np.array([7, 8]), ["a", "b"])  # (2, 1, 2, 2): 1x2 pixels, 2 channels
     x = pixel_features(data)
     assert x.shape == (2, 4) and x.dtype == np.float32
-    np.testing.assert_array_equal(x, np.array([[0, 1, 0.2, 0.4], [1, 0, 0.8, 0.6]], np.float32))
+    expected = np.array([[0, 1, 0.2, 0.4], [1, 0, 0.8, 0.6]], np.float32)
+    np.testing.assert_array_equal(x[:], expected)
+    np.testing.assert_array_equal(x[1], expected[1])
+    np.testing.assert_array_equal(pixel_features(data, np.array([1]))[:], expected[1:])
+
+
+class CountingImages:
+    """uint8 images that record how many rows each read returns (a memory map's stand-in)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.reads = images, []
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        out = self.images[key]
+        self.reads.append(len(out) if out.ndim == self.ndim else 1)
+        return out
+
+
+def test_pixel_matrix_reads_only_the_rows_asked_a_chunk_at_a_time():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 3, 3, 2), dtype=np.uint8)
+    dense = images.reshape(50, -1).astype(np.float32) / 255
+    counting = CountingImages(images)
+    x = PixelMatrix(counting)
+    rows = np.flatnonzero(rng.random(50) < 0.5)
+    part = select(x, rows)
+    assert counting.reads == [] and part.shape == (len(rows), 18)  # nothing read yet
+    np.testing.assert_array_equal(gather(part, chunk=4), dense[rows])
+    assert max(counting.reads) == 4
+    np.testing.assert_array_equal(gather(part, np.array([3, 0]), chunk=1), dense[rows[[3, 0]]])
+    starts = [s for s, _ in blocks(part, 6)]
+    assert starts == list(range(0, len(rows), 6))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks(part, 6)]), dense[rows])
+    # A view of a view reads the base rows directly; in-memory features pass through.
+    np.testing.assert_array_equal(select(part, slice(2, 5))[:], dense[rows[2:5]])
+    np.testing.assert_array_equal(select(dense, rows), dense[rows])

@@ -194,6 +194,30 @@ def test_autodecoder_export_starts_inference_at_the_ridge_map(trained, data_path
         assert mse(net.infer(x, steps, 0.01, start(x))) < mse(net.infer(x, steps, 0.01))
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_export_reads_the_memory_map_in_batches_with_the_same_latents(trained, data_path, model,
+                                                                      monkeypatch):
+    """Encoding from the read-only memory map, a few rows at a time (the auto-decoder's ridge
+    fit too), gives the latents of the images in memory, with no torch warning."""
+    import warnings
+
+    import pipeline.latent.export as export
+
+    cpu = torch.device("cpu")
+    net, state = load_checkpoint(trained[model] / "model.pt", cpu)
+    state["params"].update(infer_steps=3)
+    mapped = load_prepared(data_path)
+    assert isinstance(mapped.images, np.memmap) and not mapped.images.flags.writeable
+    in_memory = Prepared(np.array(mapped.images), mapped.labels, mapped.split, mapped.ids,
+                         mapped.classes)
+    expected = encode(net, state, in_memory, cpu)
+    monkeypatch.setattr(export, "ENCODE_BATCH", 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = encode(net, state, mapped, cpu)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_parquet_schema_rows_and_metadata(trained, data_path):
     d = trained["vae"]
     export_latents(d / "model.pt", data_path, d / "latents.parquet", "cpu", "tinyset")
@@ -215,7 +239,7 @@ def test_parquet_schema_rows_and_metadata(trained, data_path):
     feats, meta2 = latent_features(d / "latents.parquet", data)
     net, _ = load_checkpoint(d / "model.pt", torch.device("cpu"))
     with torch.no_grad():
-        mean = net.posterior(to_float(torch.from_numpy(data.images)))[0].numpy()
+        mean = net.posterior(to_float(torch.from_numpy(np.array(data.images))))[0].numpy()
     np.testing.assert_allclose(feats, mean, rtol=1e-5, atol=1e-6)
     assert meta2 == meta
 
@@ -223,6 +247,7 @@ def test_parquet_schema_rows_and_metadata(trained, data_path):
 def test_unlabeled_images_train_and_export(tmp_path, data_path):
     data = load_prepared(data_path)
     unl = np.flatnonzero(data.split == "train")[:10]
+    data.split = data.split.astype(object)  # loaded as '<U5': room for "unlabeled"
     data.split[unl] = "unlabeled"
     data.labels[unl] = -1
     save_prepared(tmp_path / "u.npz", data)
@@ -359,7 +384,7 @@ def test_healthy_run_is_not_flagged(trained, model, data_path, tmp_path):
 
 def test_constant_data_set_is_caught(tmp_path, data_path):
     data = load_prepared(data_path)
-    data.images[:] = 77
+    data.images = np.full_like(data.images, 77)  # the loaded images are a read-only map
     save_prepared(tmp_path / "flat.npz", data)
     n = int((data.split == "train").sum())
     for model in MODELS:

@@ -228,6 +228,82 @@ def test_find_neighbours_on_pixels(tmp_path, prepared):
     assert_matches_reference(dist, np.vectorize(pos.get)(nb), x, "cosine", 3)
 
 
+class CountingImages:
+    """A prepared set's images that record how many rows each read returns."""
+
+    def __init__(self, images):
+        self.images, self.reads = images, []
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        out = self.images[key]
+        self.reads.append(len(out) if out.ndim == self.ndim else 1)
+        return out
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("index", ["exact", "ivf"])
+def test_pixel_neighbours_read_in_chunks_equal_the_in_memory_search(tmp_path, prepared,
+                                                                     monkeypatch, metric, index):
+    """Raw pixels are read chunk_size rows at a time (candidates of a chunk for the exact
+    euclidean distances), never copied whole, and give the neighbours of the float array."""
+    import pipeline.neighbours.spaces as spaces
+    from pipeline.io import load_prepared
+
+    data, npz = prepared
+    counted = []
+
+    def counting_load(path):
+        loaded = load_prepared(path)
+        loaded.images = CountingImages(loaded.images)
+        counted.append(loaded.images)
+        return loaded
+
+    monkeypatch.setattr(spaces, "load_prepared", counting_load)
+    out = tmp_path / "neighbours.parquet"
+    params = NeighboursParams(k=3, index=index, nlist=4, nprobe=1, chunk_size=5)
+    find_neighbours(params, npz, npz, metric, out, tmp_path / "grid.png", "cpu")
+    ids, nb, dist, _ = load_neighbours(out)
+    assert max(counted[0].reads) <= 5 * (params.k + 1)
+    train = np.isin(data.split, ("train", "unlabeled"))
+    x = data.images[train].reshape(int(train.sum()), -1).astype(np.float32) / 255
+    D, I = knn(x, 3, metric, ids=data.ids[train], index=index, nlist=4, nprobe=1,  # noqa: E741
+               chunk_size=5)
+    np.testing.assert_array_equal(nb, I)
+    np.testing.assert_array_equal(dist, D)
+
+
+def test_a_search_that_cannot_fit_fails_in_one_line_naming_the_key(tmp_path, prepared,
+                                                                   monkeypatch):
+    import pipeline.neighbours as neighbours
+
+    data, npz = prepared
+    write_latents(tmp_path / "latents.parquet", data)
+    monkeypatch.setattr(neighbours, "available_memory", lambda gpu=None: 100)
+    # 33 training images of 6x6x1 pixels: the index holds 33 x 36 float32 = 4752 bytes.
+    with pytest.raises(PipelineError) as e:
+        find_neighbours(NeighboursParams(k=3), npz, npz, "euclidean", tmp_path / "n.parquet",
+                        tmp_path / "g.png", "cpu")
+    assert str(e.value) == (
+        "neighbours in the pixels space need 0.0 GiB for the FAISS index (a float32 copy of 33 "
+        "training vectors of dimension 36), more than the 0.0 GiB of host memory available; "
+        "set neighbours.pixels: false to skip raw-pixel neighbours")
+    with pytest.raises(PipelineError, match=r"^neighbours in the ae space need .* of 33 "
+                       r"training vectors of dimension 3\), .*; lower latent.dim, or drop ae "
+                       r"from latent.models$"):
+        find_neighbours(NeighboursParams(k=3), tmp_path / "latents.parquet", npz, "cosine",
+                        tmp_path / "n.parquet", tmp_path / "g.png", "cpu")
+    assert not (tmp_path / "n.parquet").exists()
+    from pipeline.neighbours import index_bytes
+
+    # Pixels of 1M 32x32x3 images: 12.3 GB of float32 in a flat index, nothing besides.
+    assert index_bytes(10**6, 3072, lazy=True) == 12_288_000_000
+    assert index_bytes(10**6, 64) == 2 * 4 * 64 * 10**6  # an array in memory: prepared copy
+
+
 def test_cli_and_purity_table(tmp_path, prepared):
     from pipeline.__main__ import main
 

@@ -14,7 +14,7 @@ import torch
 from pipeline import PipelineError
 from pipeline.augment import to_float
 from pipeline.device import LAYOUT, describe, resolve_device
-from pipeline.io import Prepared, load_prepared, locate
+from pipeline.io import Prepared, RowView, load_prepared, locate
 from pipeline.latent.models import ENCODE_BATCH, AutoDecoder, RidgeStart, build_model
 from pipeline.latent.params import LatentParams
 
@@ -32,13 +32,33 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[torch.nn.Module, 
     return net.to(device, memory_format=LAYOUT).eval(), state
 
 
+class _DeviceRows:
+    """Images of a :class:`RowView` as uint8 torch tensors on ``device``, a slice at a time:
+    what :class:`RidgeStart` indexes, without the training images in memory at once."""
+
+    def __init__(self, view: RowView, device: torch.device):
+        self.view, self.device = view, device
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        return _tensor(self.view[key], self.device)
+
+
+def _tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    # A memory map's rows are read-only; torch wants a writable array of its own.
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device)
+
+
 def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.device
            ) -> np.ndarray:
     """Latent vector of every image of ``data``: (N, dim) float32, in ``data`` order.
 
     Encoder models map images through the encoder (the VAE its posterior mean). The
     auto-decoder uses its learned code for a training id and infers the code of any other
-    image with the decoder frozen.
+    image with the decoder frozen. Images are read ``ENCODE_BATCH`` rows at a time (by the
+    ridge start's fit, its own batch at a time), so a memory-mapped set is never copied whole.
     """
     p = LatentParams(**state["params"])
     out = np.zeros((len(data.ids), p.dim), dtype=np.float32)
@@ -56,16 +76,17 @@ def encode(net: torch.nn.Module, state: dict, data: Prepared, device: torch.devi
         todo = np.flatnonzero(~known)
         start = None
         if len(todo) and p.infer_start == "ridge":
-            start = RidgeStart(torch.from_numpy(data.images[known]).to(device), codes[order])
+            known_images = RowView(data.images, np.flatnonzero(known))
+            start = RidgeStart(_DeviceRows(known_images, device), codes[order])
         for s in range(0, len(todo), ENCODE_BATCH):
             rows = todo[s:s + ENCODE_BATCH]
-            x = to_float(torch.from_numpy(data.images[rows]).to(device))
+            x = to_float(_tensor(data.images[rows], device))
             z0 = None if start is None else start(x)
             out[rows] = net.infer(x, p.infer_steps, p.infer_lr, z0).cpu().numpy()
         return out
     with torch.no_grad():
         for s in range(0, len(data.ids), ENCODE_BATCH):
-            x = to_float(torch.from_numpy(data.images[s:s + ENCODE_BATCH]).to(device))
+            x = to_float(_tensor(data.images[s:s + ENCODE_BATCH], device))
             out[s:s + ENCODE_BATCH] = net.represent(x).cpu().numpy()
     return out
 

@@ -1,7 +1,8 @@
 """Neighbours stage: k nearest training neighbours of every training image in one space (FAISS).
 
-The public face: :func:`find_neighbours` writes one space's table and grid, :func:`purity_table`
-the table over every space. The parts: ``search`` (FAISS self-kNN, ``NeighboursParams``),
+The public face: :func:`find_neighbours` writes one space's table and grid (refusing at once,
+:func:`check_memory`, a search whose index would not fit), :func:`purity_table` the table over
+every space. The parts: ``search`` (FAISS self-kNN, ``NeighboursParams``),
 ``spaces`` (the training images and their vectors), ``quality`` (purity, hubness, the purity
 table and its gate), ``figure`` (the neighbour grid).
 """
@@ -48,8 +49,10 @@ from pipeline.neighbours.search import (
     Metric,
     NeighboursParams,
     _check_metric,
+    available_memory,
     backend_name,
     gpu_usable,
+    index_bytes,
     ivf_cells,
     knn,
     prefer_fast_openblas,
@@ -61,9 +64,9 @@ __all__ = [
     "ANCHOR", "BLAS_THRESHOLD", "FLAG_COLUMNS", "GPU_MAX_K", "GRID_ANCHORS", "HEALTH_KEYS",
     "HUB_FACTOR", "HUB_MIN_K", "INDEXES", "METRICS", "MIN_POINTS_PER_CELL", "Metric",
     "NeighboursParams", "ORPHAN_EXCESS", "ORPHAN_MIN", "OTHER", "PURITY_COLUMNS",
-    "PURITY_MARGIN", "SAME", "UNKNOWN", "backend_name", "find_neighbours", "graph_stats",
-    "grid_anchors", "hubness", "ivf_cells", "knn", "load_source", "neighbour_grid",
-    "prefer_fast_openblas", "purity", "purity_table", "quality_gate",
+    "PURITY_MARGIN", "SAME", "UNKNOWN", "backend_name", "check_memory", "find_neighbours",
+    "graph_stats", "grid_anchors", "hubness", "index_bytes", "ivf_cells", "knn", "load_source",
+    "neighbour_grid", "prefer_fast_openblas", "purity", "purity_table", "quality_gate",
 ]
 
 
@@ -83,6 +86,7 @@ def find_neighbours(
     x, space, source_meta = load_source(Path(source), prepared)
     n, k = len(train.ids), params.k
     use_gpu = gpu_usable(dev, k)
+    check_memory(space, x, params, dev if use_gpu else None)
     backend = backend_name(params.index, use_gpu)
     print(f"{space} {metric}: {n} training vectors of dim {x.shape[1]}, k={k}, {backend}")
     t0 = time.perf_counter()
@@ -112,6 +116,28 @@ def find_neighbours(
     title = (f"{space} / {metric}: purity@1 {p1:.2f}, purity@{k} {pk:.2f}\n"
              "border: blue anchor, green same label, red other label, grey unknown")
     neighbour_grid(train, I_pos, Path(grid), title)
+
+
+def check_memory(space: str, x, params: NeighboursParams, gpu=None) -> None:
+    """Refuse, in one line naming the key to change, a search whose FAISS index would not fit.
+
+    The index holds a float32 copy of every training vector (:func:`index_bytes`): small for
+    a latent space, 12.3 GB for raw pixels of 1M 32x32x3 images. Checked against the memory
+    available now (the GPU's when the index goes there), so that a search that cannot fit
+    fails at once rather than being killed for memory halfway.
+    """
+    n, d = x.shape
+    lazy = not isinstance(x, np.ndarray)
+    need = 4 * n * d if gpu is not None else index_bytes(n, d, params.index, params.nlist, lazy)
+    free = available_memory(gpu)
+    if free is None or need <= free:
+        return
+    fix = ("set neighbours.pixels: false to skip raw-pixel neighbours" if space == "pixels"
+           else f"lower latent.dim, or drop {space} from latent.models")
+    raise PipelineError(
+        f"neighbours in the {space} space need {need / 2**30:.1f} GiB for the FAISS index (a "
+        f"float32 copy of {n} training vectors of dimension {d}), more than the "
+        f"{free / 2**30:.1f} GiB of {'GPU' if gpu is not None else 'host'} memory available; {fix}")
 
 
 def _write_table(out: Path, ids: np.ndarray, I_pos: np.ndarray, D: np.ndarray,

@@ -12,19 +12,34 @@ from torch import nn
 from pipeline import PipelineError
 from pipeline.augment import normalise, to_float
 from pipeline.backbones import build_backbone, resolve_backbone
-from pipeline.io import TRAINING_SPLITS, Prepared, load_prepared, provenance, save_checkpoint
+from pipeline.io import (
+    CHUNK,
+    TRAINING_SPLITS,
+    Prepared,
+    RowView,
+    load_prepared,
+    provenance,
+    save_checkpoint,
+)
 
 log = logging.getLogger("pipeline.train")
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def channel_stats(images: np.ndarray | RowView, chunk: int = CHUNK,
+                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in [0, 1] units of uint8 (N, H, W, C) images, in chunks.
 
-    Chunking keeps a float copy of a large set (STL10's 100k unlabeled images) out of memory.
+    Chunking keeps a float copy of a large set (STL10's 100k unlabeled images) out of memory;
+    a memory map is read ``chunk`` rows at a time.
+
+    Args:
+        images: uint8 (N, H, W, C), in memory, memory-mapped or a :class:`RowView`.
+        rows: positions of the images to count (all when None), read without copying the rest.
     """
+    view = images if rows is None else RowView(images, rows)
     total, sq, count = 0.0, 0.0, 0
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].astype(np.float64) / 255.0
+    for start in range(0, len(view), chunk):
+        x = view[start:start + chunk].astype(np.float64) / 255.0
         total = total + x.sum(axis=(0, 1, 2))
         sq = sq + (x * x).sum(axis=(0, 1, 2))
         count += x[..., 0].size
@@ -62,7 +77,7 @@ def write_untrained(backbone: str, seed: int, data: Path, out: Path) -> None:
         data: the prepared folder; its training images fix channels, size and statistics.
         out: ``encoder.pt`` to write.
     """
-    train = load_prepared(data).subset(*TRAINING_SPLITS)
+    train = load_prepared(data).view(*TRAINING_SPLITS)  # images read a chunk at a time
     if len(train.images) == 0:
         raise PipelineError(f"{data}: no training images for the untrained encoder")
     _, size, width, channels = train.images.shape
@@ -89,43 +104,52 @@ def load_encoder(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict
 
 @torch.no_grad()
 def encode_images(
-    path: Path, images: np.ndarray, device: str, batch_size: int = 1024
+    path: Path, images: np.ndarray | RowView, device: str, batch_size: int = 1024,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Frozen features of uint8 images (N, H, W, C), and the run's flat summary.
+
+    The images are read ``batch_size`` rows at a time, so a memory map (or a
+    :class:`RowView` of one) is never copied whole.
 
     Args:
         path: ``encoder.pt`` written by ``pipeline.train.train`` or :func:`write_untrained`.
         images: uint8 (N, H, W, C); must match the checkpoint's channels and size.
         device: where to run the encoder.
+        rows: positions of the images to encode, in this order (all when None).
 
     Returns:
-        features (N, D) float32 (encoder output, no projector, no augmentation) and a dict of
-        scalars/strings (the run's columns: stage, method, variant, source, ...; epochs,
-        train_seconds, device, final_loss, backbone, ...).
+        features (N, D) float32 (encoder output, no projector, no augmentation; one row per
+        image of ``rows``) and a dict of scalars/strings (the run's columns: stage, method,
+        variant, source, ...; epochs, train_seconds, device, final_loss, backbone, ...).
     """
     from pipeline.device import LAYOUT, resolve_device
 
     dev = resolve_device(device)
     encoder, ck = load_encoder(path, str(dev))
     encoder.to(memory_format=LAYOUT)
-    _, h, _, c = images.shape
+    view = images if rows is None else RowView(images, rows)
+    _, h, _, c = view.shape
     if c != ck["in_channels"] or h != ck["image_size"]:
         raise PipelineError(f"{path} was trained on {ck['image_size']} px images with "
                             f"{ck['in_channels']} channels; the data has {h} px, {c} channels")
     mean, std = ck["mean"].to(dev), ck["std"].to(dev)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev)
+    feats = np.zeros((len(view), encoder.out_dim), np.float32)
+    for start in range(0, len(view), batch_size):
+        # A memory map's rows are read-only; torch wants a writable array of its own.
+        block = np.require(view[start:start + batch_size], requirements=["C", "W"])
+        x = torch.from_numpy(block).to(dev)
         x = normalise(to_float(x), mean, std).contiguous(memory_format=LAYOUT)
-        out.append(encoder(x).float().cpu())
-    feats = torch.cat(out).numpy() if out else np.zeros((0, encoder.out_dim), np.float32)
+        feats[start:start + len(block)] = encoder(x).float().cpu().numpy()
     summary = {k: v for k, v in ck["summary"].items() if isinstance(v, (int, float, str, bool))}
     summary.update(backbone=ck["backbone"], **ck["columns"])
-    return feats.astype(np.float32), summary
+    return feats, summary
 
 
 def encode_checkpoint(
-    path: Path, data: Prepared, device: str, batch_size: int = 1024
+    path: Path, data: Prepared, device: str, batch_size: int = 1024,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """:func:`encode_images` of every image of a prepared data set, in ``data`` order."""
-    return encode_images(path, data.images, device, batch_size)
+    """:func:`encode_images` of the images of a prepared data set (its rows ``rows``, all when
+    None), in ``data`` order, read from its memory map a batch at a time."""
+    return encode_images(path, data.images, device, batch_size, rows)
