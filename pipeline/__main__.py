@@ -236,7 +236,8 @@ def parser() -> argparse.ArgumentParser:
     s = stage("aggregate", _aggregate)
     s.add_argument("--out", type=Path, required=True, help="the experiment's results table")
     s.add_argument("--purity", type=Path, default=None, help="neighbours purity table")
-    s.add_argument("--data", type=Path, default=None, help="the prepared folder, for the image counts")
+    s.add_argument("--data", type=Path, default=None,
+                   help="the prepared folder, for the image counts")
     for name in ("summary", "table-html", "summary-html", "overview"):
         s.add_argument(f"--{name}", type=Path, default=None)
     s.add_argument("inputs", nargs="+", type=Path)
