@@ -94,29 +94,32 @@ def bench_size(n: int, args, work: Path) -> dict:
     prepared = load_prepared(data)
     row["images_gib"] = round(prepared.images.nbytes / 2**30, 3)
     if "train" in args.stages:
-        for feed, share in (("resident", 1.0), ("streamed", 1e-9)):
-            if feed not in args.feeds:
-                continue
+        feeds = [f for f in ("resident", "streamed") if f in args.feeds]
+        for i, feed in enumerate(feeds * args.repeats):
+            share = 1.0 if feed == "resident" else 1e-9
+            key = f"train_{feed}" + (f"_{i // len(feeds) + 1}" if args.repeats > 1 else "")
             t = d / f"train-{feed}"
             shutil.rmtree(t, ignore_errors=True)
             params = {"backbone": "smallconv", "epochs": 1, "warmup_epochs": 0,
                       "batch_size": 256, "device_memory_share": share,
                       "checkpoint_every": 1}
-            row[f"train_{feed}"] = measure(pipeline(
+            row[key] = measure(pipeline(
                 "train", "--params", json.dumps(params), "--method", "byol", "--seed", "0",
                 "--device", "cpu", "--data", str(data), "--out", str(t / "encoder.pt"),
                 "--state", str(t / "state.pt"), "--history", str(t / "history.csv"),
                 "--loss-plot", str(t / "loss.png")), d / f"train-{feed}.log")
             hist = (t / "history.csv").read_text().splitlines()
             cols = hist[0].split(",")
-            row[f"train_{feed}"]["images_per_s"] = float(
+            row[key]["images_per_s"] = float(
                 hist[-1].split(",")[cols.index("images_per_s")])
     if "neighbours" in args.stages:
         latents = d / "latents.parquet"
         if not latents.exists():
             write_latents_for(data, latents)
         row["neighbours"] = measure(pipeline(
-            "neighbours", "--params", json.dumps({"k": 10}), "--metric", "cosine",
+            "neighbours", "--params", json.dumps(
+                {"k": 10, "index": "exact" if n <= args.exact_up_to else "ivf"}),
+            "--metric", "cosine",
             "--device", "cpu", "--source", str(latents), "--data", str(data),
             "--out", str(d / "neighbours.parquet"), "--grid", str(d / "grid.png")),
             d / "neighbours.log")
@@ -145,6 +148,10 @@ def main(argv=None) -> None:
                     choices=["resident", "streamed"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/nnbyol-scale"))
     ap.add_argument("--keep", action="store_true", help="keep each size's files")
+    ap.add_argument("--exact-up-to", type=int, default=100_000,
+                    help="exact neighbour search up to this many images, IVF above")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="train each feed this many times, alternating (paired A/B)")
     args = ap.parse_args(argv)
     print(f"# {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", flush=True)
     for n in args.sizes:
