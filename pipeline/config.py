@@ -23,6 +23,7 @@ from pipeline.schema import (  # noqa: F401 - build, check_fields, field_schema:
     flatten,
     load_schema,
 )
+from pipeline.train.grid import RUNTIME_KEYS as TRAIN_RUNTIME_KEYS
 
 PRESETS = WORKFLOW / "presets"
 LATENT_MODELS = ("autodecoder", "ae", "vae")
@@ -182,8 +183,8 @@ def latent_params(config: dict, model: str) -> dict[str, Any]:
 
 # Keys that only choose which jobs exist or how a job runs, never what it computes: they
 # stay out of the stage params, so changing them never invalidates finished results.
-RUNTIME_KEYS = {"latent": ("on_collapse",), "neighbours": ("chunk_size",),
-                "train": ("checkpoint_every",), "evaluate": ()}
+RUNTIME_KEYS = {"latent": ("on_collapse", "device_memory_share"),
+                "neighbours": ("chunk_size",), "train": TRAIN_RUNTIME_KEYS, "evaluate": ()}
 GRID_KEYS = {"neighbours": ("metrics", "pixels"),
              "train": ("methods", "uses", "seeds", "sources", "refresh_rounds"),
              "evaluate": ("untrained",)}

@@ -441,3 +441,16 @@ def test_collapse_check_passes_healthy_and_short_runs():
     short = CollapseCheck("ae", 0.05, 2)  # 4 steps: too short to judge against the mean image
     assert short.update(1, 0.06, 0.05, 0.5, 2) is None
     assert short.update(2, 0.055, 0.05, 0.5, 4) is None
+
+
+@pytest.mark.parametrize("model", ["autodecoder", "vae"])
+def test_streamed_images_train_the_same_latent_model(tmp_path, data_path, model):
+    """Above latent.device_memory_share the training images are read from the prepared
+    set as indexed: the same batches, the same weights and codes."""
+    resident = torch.load(train(tmp_path, model, data_path, name="resident") / "model.pt",
+                          weights_only=True)
+    streamed = torch.load(train(tmp_path, model, data_path, fast(device_memory_share=1e-12),
+                                name="streamed") / "model.pt", weights_only=True)
+    for name, w in resident["state_dict"].items():
+        assert torch.equal(w, streamed["state_dict"][name]), name
+    assert resident["health"] == streamed["health"]

@@ -798,7 +798,7 @@ def test_streamed_feed_trains_exactly_as_the_resident_one(tmp_path, data, neighb
 
 
 def test_streamed_images_read_the_rows_asked_for_in_batch_order(tmp_path, data):
-    from pipeline.train.feed import StreamedImages
+    from pipeline.feed import StreamedImages
 
     view = load_prepared(data).view("train").images
     images = StreamedImages(view, torch.device("cpu"))

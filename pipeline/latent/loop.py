@@ -15,6 +15,7 @@ import torch
 from pipeline import PipelineError
 from pipeline.augment import to_float
 from pipeline.device import LAYOUT, describe, resolve_device, seed_everything
+from pipeline.feed import feed
 from pipeline.io import (
     TRAINING_SPLITS,
     Prepared,
@@ -57,8 +58,11 @@ def train_latent(params: LatentParams, model: str, data: Path, out: Path, curve:
     image_shape = tuple(int(s) for s in prepared.images.shape[1:])
     net = build_model(model, image_shape, params.dim, params.width, len(rows),
                       asdict(params)).to(dev, memory_format=LAYOUT)
-    # the whole training set lives on the device as uint8; batches are indexed from it
-    images = torch.from_numpy(prepared.images[rows]).to(dev)
+    # uint8 training images on the device, batches indexed from them; above
+    # latent.device_memory_share of its memory, read from the prepared set as indexed
+    images = feed(prepared.view(*TRAINING_SPLITS).images, params.device_memory_share, dev,
+                  "latent.device_memory_share",
+                  lambda line: print(f"{model}: {line}", file=sys.stderr))
     mean = mean_image(images)
     net.decoder.start_at_mean(mean.mean((1, 2)))
     opt = _optimiser(net, params.lr, params.code_lr)

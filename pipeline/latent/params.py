@@ -25,8 +25,10 @@ class LatentParams:
     infer_start: str = "ridge"
     # vae
     beta: float = 1.0
-    # runtime only (not a cache key): what a detected collapse does
+    # runtime only (not cache keys): what a detected collapse does; the training images'
+    # largest share of the device's memory before they are streamed (same result either way)
     on_collapse: str = "error"
+    device_memory_share: float = 0.5
 
 
 def check_params(p: LatentParams, model: str) -> None:

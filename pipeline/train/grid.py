@@ -27,7 +27,7 @@ METHOD_USES: dict[str, tuple[str, ...]] = {
 SOURCES = ("latent", "refresh", "queue")
 # Keys that choose which runs exist, never what one computes.
 GRID_KEYS = ("methods", "uses", "seeds", "sources", "refresh_rounds")
-RUNTIME_KEYS = ("checkpoint_every",)
+RUNTIME_KEYS = ("checkpoint_every", "device_memory_share")
 NEIGHBOUR_KEYS = ("filter", "neighbour_warmup_epochs", "queue")
 VIEWS = ("view1", "view2")
 

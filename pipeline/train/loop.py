@@ -21,11 +21,11 @@ from torch import nn
 
 from pipeline import PipelineError
 from pipeline.augment import normalise
+from pipeline.feed import StreamedImages, feed
 from pipeline.io import provenance, save_checkpoint
 from pipeline.train.checkpoint import matching_state, write_outputs
 from pipeline.train.data import RunData, load_run
 from pipeline.train.encoder import init_encoder
-from pipeline.train.feed import StreamedImages, feed
 from pipeline.train.grid import Run
 from pipeline.train.methods import build_method
 from pipeline.train.optim import lr_at, make_optimizer

@@ -1,6 +1,7 @@
-"""How the training images reach the device: resident (the whole training set on the device,
-batches gathered by index) or streamed (batches read from the memory-mapped prepared set,
-through pinned memory, with the next batch's anchors read in the background).
+"""How the training images reach the device, for every method and the latent models:
+resident (the whole training set on the device, batches gathered by index) or streamed
+(batches read from the memory-mapped prepared set, through pinned memory, with the next
+batch's anchors read in the background).
 
 Both feeds hand the loop the same uint8 (B, H, W, C) images for the same indices, so a run
 draws the same images in the same order and gives the same result either way; the choice
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -37,15 +39,15 @@ def device_memory(dev: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def choose_feed(nbytes: int, share: float, dev: torch.device) -> tuple[bool, str]:
-    """Whether images of ``nbytes`` stay on ``dev`` (at most ``share`` of its memory), and
-    the log line saying why."""
+def choose_feed(nbytes: int, share: float, dev: torch.device,
+                key: str = "train.device_memory_share") -> tuple[bool, str]:
+    """Whether images of ``nbytes`` stay on ``dev`` (at most ``share`` of its memory, the
+    config ``key``), and the log line saying why."""
     limit = share * device_memory(dev)
     gb = f"{nbytes / 1e9:.2f} GB of training images"
     if nbytes <= limit:
-        return True, f"{gb} kept on the device (train.device_memory_share {share:g} allows " \
-                     f"{limit / 1e9:.2f} GB)"
-    return False, (f"{gb} are more than train.device_memory_share {share:g} of the device's "
+        return True, f"{gb} kept on the device ({key} {share:g} allows {limit / 1e9:.2f} GB)"
+    return False, (f"{gb} are more than {key} {share:g} of the device's "
                    f"memory ({limit / 1e9:.2f} GB): streaming batches from the prepared set")
 
 
@@ -68,6 +70,10 @@ class StreamedImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.dev
+
     def _read(self, idx: np.ndarray) -> torch.Tensor:
         order = np.argsort(idx, kind="stable")  # read in file order, return in batch order
         rows = np.empty((len(idx), *self.shape[1:]), np.uint8)
@@ -78,7 +84,9 @@ class StreamedImages:
     def prefetch(self, idx: torch.Tensor) -> None:
         self._pending = (idx, self._pool.submit(self._read, idx.cpu().numpy()))
 
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+    def __getitem__(self, idx: torch.Tensor | int | slice) -> torch.Tensor:
+        if isinstance(idx, (int, slice)):  # a row or a run of rows: statistics, probes
+            return torch.from_numpy(np.ascontiguousarray(self.images[idx])).to(self.dev)
         if self._last is not None and self._last[0] is idx:
             return self._last[1]
         if self._pending is not None and torch.equal(self._pending[0], idx):
@@ -91,12 +99,14 @@ class StreamedImages:
         return out
 
 
-def feed(images: RowView | np.ndarray, share: float, dev: torch.device
+def feed(images: RowView | np.ndarray, share: float, dev: torch.device,
+         key: str = "train.device_memory_share", say: Callable[[str], None] = log.info
          ) -> torch.Tensor | StreamedImages:
     """The training images as the loop indexes them: a device tensor when they fit
-    ``share`` of the device's memory, else :class:`StreamedImages`."""
-    resident, why = choose_feed(images.nbytes, share, dev)
-    log.info(why)
+    ``share`` (config ``key``) of the device's memory, else :class:`StreamedImages`;
+    ``say`` logs why."""
+    resident, why = choose_feed(images.nbytes, share, dev, key)
+    say(why)
     if resident:
         return torch.from_numpy(images[:]).to(dev)
     return StreamedImages(images, dev)
