@@ -139,13 +139,15 @@ def wait_for(path, text, timeout=120.0):
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_interrupted_snakemake_does_not_train_a_finished_run_again(tmp_path, how):
-    # One step per epoch: a few seconds of training, long enough to interrupt.
-    wf = Workflow(tmp_path, tiny_config(train={"epochs": 60}))
+    # One step per epoch: seconds of training, long enough to interrupt even when a busy
+    # machine lets this process poll the log late (60 epochs once finished before the signal).
+    epochs = 200
+    wf = Workflow(tmp_path, tiny_config(train={"epochs": epochs}))
     log = tmp_path / TRAIN_LOG
     proc = subprocess.Popen([SNAKEMAKE, "--cores", "2", ENCODER], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(log, "epoch 3/60")
+        wait_for(log, f"epoch 3/{epochs}")
         proc.send_signal(getattr(signal, how))
         assert proc.wait(timeout=120) != 0
     finally:
@@ -158,7 +160,7 @@ def test_interrupted_snakemake_does_not_train_a_finished_run_again(tmp_path, how
     wf.run("--rerun-incomplete", ENCODER)
     text = log.read_text()
     assert "training already finished" in text and "epoch 1/" not in text, text
-    assert len(pd.read_csv(tmp_path / ENCODER.replace("encoder.pt", "history.csv"))) == 60
+    assert len(pd.read_csv(tmp_path / ENCODER.replace("encoder.pt", "history.csv"))) == epochs
     if how == "SIGINT":  # the rewritten outputs count as up to date (no mtime loop)
         assert wf.planned(ENCODER) == {}
     assert os.path.samefile(tmp_path / ENCODER, tmp_path / ENCODER.replace("encoder", "state"))
