@@ -427,7 +427,11 @@ def evaluate(
         "n_test": int(te.sum()),
         "n_classes": n_classes,
         "eval_seconds": round(time.time() - start, 2),
-        **{k: v for k, v in summary.items() if k not in ("params",)},
+    }
+    # What the source records about itself, never over the evaluation's own columns (a
+    # latent export's n_train counts the unlabeled images its model trained on too).
+    row |= {k: v for k, v in summary.items() if k != "params" and k not in row}
+    row |= {
         "per_class_top1": per_class(probe, y_te, n_classes),
         "pca_test": pca_map(feats, tr, te),
         "eval_params": asdict(params),

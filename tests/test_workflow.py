@@ -136,3 +136,43 @@ def test_missing_root_fails_before_any_job(workflow):
 def test_lint_is_clean(workflow):
     proc = workflow.run("--lint", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_an_image_folder_with_unlabeled_images_and_no_test_folder_runs_end_to_end(workflow):
+    """train/<class>/ and unlabeled/ only: test_fraction holds out labelled images, the
+    unlabeled ones train and are mined for neighbours, the evaluation reads the labelled
+    part, and every vector table carries the image files' paths."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    root = workflow.path / "data" / "mine"
+    rng = np.random.default_rng(0)
+    for c, level in (("dark", 40), ("light", 200)):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(20):
+            img = np.clip(rng.normal(level, 20, (12, 12)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "train" / c / f"{i:02d}.png")
+    (root / "unlabeled").mkdir()
+    for i in range(30):
+        img = rng.integers(0, 255, (12, 12), dtype=np.uint8)
+        Image.fromarray(img).save(root / "unlabeled" / f"u{i:02d}.png")
+    workflow.write_config(tiny_config(
+        dataset={"name": "imagefolder", "root": "data/mine", "test_fraction": 0.25},
+        latent={"models": ["ae"]}, neighbours={"metrics": ["cosine"], "pixels": False},
+        train={"uses": ["baseline", "weighted"]}))
+    workflow.run()
+    ds = workflow.path / "results" / "imagefolder"
+    meta = pq.read_table(ds / "prepared" / "meta.parquet").to_pandas()
+    assert meta.groupby("split").size().to_dict() == {"test": 10, "train": 30, "unlabeled": 30}
+    assert (meta.loc[meta["split"] == "unlabeled", "label"] == -1).all()
+    assert meta.loc[meta["split"] == "unlabeled", "path"].str.match(r"unlabeled/u\d\d\.png").all()
+    table = pd.read_csv(ds / "linear_eval.csv")
+    assert (table["n_train"] == 30).all() and (table["n_test"] == 10).all()
+    assert table["top1"].between(0, 1).all()
+    nb = pq.read_table(ds / "neighbours" / "ae-cosine" / "neighbours.parquet").to_pandas()
+    assert len(nb) == 60  # labelled and unlabeled training images are mined
+    latents = pq.read_table(ds / "latent" / "ae" / "latents.parquet").to_pandas()
+    paths = dict(zip(meta["id"], meta["path"], strict=True))
+    assert [paths[i] for i in latents["id"]] == latents["path"].tolist()
+    assert latents["path"].str.startswith(("train/", "unlabeled/")).all()
