@@ -20,7 +20,7 @@ def _load(name):
 
 def test_bench_scripts_all_have_a_smoke_test():
     tested = {"bench_byol", "bench_knn", "bench_neighbours", "bench_lightly", "bench_latent",
-              "bench_revisions"}
+              "bench_revisions", "bench_scale"}
     assert {p.stem for p in BENCH.glob("bench_*.py")} == tested
 
 
@@ -296,3 +296,17 @@ def test_bench_revisions_names_a_revision_git_does_not_know(capsys):
     with pytest.raises(SystemExit, match=r"^error: cannot export revision 'no-such-rev'"):
         _load("bench_revisions").main(["--revisions", "no-such-rev", "--stages", "byol",
                                        "--n", "16", "--size", "8", "--epochs", "1"])
+
+
+def test_bench_scale_smoke(tmp_path, capsys):
+    """Every stage of the scaling benchmark at 200 images: memory and time figures."""
+    import json
+
+    _load("bench_scale").main(["--sizes", "200", "--workdir", str(tmp_path)])
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["images"] == 200 and row["images_gib"] == round(200 * 32 * 32 * 3 / 2**30, 3)
+    for stage in ("prepare", "train_resident", "train_streamed", "neighbours", "evaluate"):
+        assert row[stage]["seconds"] > 0 and 0 < row[stage]["peak_anon_gib"] <= \
+            row[stage]["peak_rss_gib"] < 4, stage
+    assert row["train_resident"]["images_per_s"] > 0 < row["train_streamed"]["images_per_s"]
+    assert not (tmp_path / "n200").exists()  # removed unless --keep
