@@ -74,6 +74,22 @@ class Workflow:
         return jobs
 
 
+class CountingImages:
+    """A prepared set's images that record how many rows each read returns."""
+
+    def __init__(self, images):
+        self.images, self.reads = images, []
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        out = self.images[key]
+        self.reads.append(len(out) if out.ndim == self.ndim else 1)
+        return out
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads(monkeypatch):
     """In-process CLI calls (`--threads N`) set process-wide thread counts; undo them."""

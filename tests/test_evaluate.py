@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CountingImages
 
 from pipeline.aggregate import aggregate
 from pipeline.evaluate import (
@@ -428,22 +429,6 @@ def test_chunked_pixel_knn_equals_the_in_memory_computation():
         np.testing.assert_allclose(ours[k], whole, rtol=1e-5)
         np.testing.assert_allclose(ours[k], brute_force_knn(dense_tr, labels[train], dense_te,
                                                             6, k, 0.07), rtol=1e-4)
-
-
-class CountingImages:
-    """A prepared set's images that record how many rows each read returns."""
-
-    def __init__(self, images):
-        self.images, self.reads = images, []
-        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        out = self.images[key]
-        self.reads.append(len(out) if out.ndim == self.ndim else 1)
-        return out
 
 
 @pytest.mark.parametrize("probe", ["sklearn", "torch"])

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import CountingImages
 
 from pipeline import PipelineError
 from pipeline.features import PixelMatrix, align, blocks, gather, pixel_features, select
@@ -44,22 +45,6 @@ def test_pixel_features_flatten_and_scale_to_unit_float32():
     np.testing.assert_array_equal(x[:], expected)
     np.testing.assert_array_equal(x[1], expected[1])
     np.testing.assert_array_equal(pixel_features(data, np.array([1]))[:], expected[1:])
-
-
-class CountingImages:
-    """uint8 images that record how many rows each read returns (a memory map's stand-in)."""
-
-    def __init__(self, images: np.ndarray):
-        self.images, self.reads = images, []
-        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key):
-        out = self.images[key]
-        self.reads.append(len(out) if out.ndim == self.ndim else 1)
-        return out
 
 
 def test_pixel_matrix_reads_only_the_rows_asked_a_chunk_at_a_time():

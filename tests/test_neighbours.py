@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import CountingImages
 
 from pipeline import PipelineError
 from pipeline.io import Prepared, load_neighbours, save_prepared
@@ -226,22 +227,6 @@ def test_find_neighbours_on_pixels(tmp_path, prepared):
     x = data.images[train].reshape(33, -1).astype(np.float32) / 255
     pos = {i: p for p, i in enumerate(ids)}
     assert_matches_reference(dist, np.vectorize(pos.get)(nb), x, "cosine", 3)
-
-
-class CountingImages:
-    """A prepared set's images that record how many rows each read returns."""
-
-    def __init__(self, images):
-        self.images, self.reads = images, []
-        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        out = self.images[key]
-        self.reads.append(len(out) if out.ndim == self.ndim else 1)
-        return out
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
