@@ -16,7 +16,7 @@ from pipeline.io import atomic_path, read_json
 COLUMNS = ["dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "round",
            "seed", "top1", "top5"]
 TAIL = ["purity_at_1", "purity_at_k", "feature_dim", "epochs", "train_seconds", "eval_seconds",
-        "device", "n_train", "n_test"]
+        "run_seconds", "device", "n_train", "n_test", "code_version", "torch", "python", "host"]
 # References first (pixels, latent spaces, the untrained encoder), then every method's runs.
 STAGE_ORDER = {"pixels": 0, "latent": 1, "untrained": 2}
 # The reference every method's baseline is compared with (the methods side by side).
@@ -42,18 +42,90 @@ def order_rows(df: pd.DataFrame) -> pd.DataFrame:
             .drop(columns="_o").reset_index(drop=True))
 
 
+# Cells a source writes as text (a latent export's Parquet metadata holds only strings).
+_INT = re.compile(r"^[-+]?\d+$")
+_BOOL = {"true": True, "false": False}
+
+
+def _empty(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) or (
+        isinstance(v, str) and v == "")
+
+
+def _kind(values: list) -> str:
+    """``bool``, ``int``, ``float`` or ``str``: the one type of a column's non-empty cells,
+    whether a JSON wrote them typed (``True``, ``32``) or as text (``"false"``, ``"2"``)."""
+    cells = [v for v in values if not _empty(v)]
+    if not cells:
+        return "str"
+    if all(isinstance(v, bool) or str(v).lower() in _BOOL for v in cells):
+        return "bool"
+    if all(isinstance(v, int) or isinstance(v, str) and _INT.match(v) for v in cells):
+        return "int"
+    try:
+        [float(v) for v in cells]
+    except (TypeError, ValueError):
+        return "str"
+    return "float"
+
+
+# Names, never numbers, whatever they look like (a data-set tag may be "2024").
+TEXT = {"dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "device",
+        "code_version", "torch", "python", "host"}
+
+
+def typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Every column as one type: booleans as pandas ``boolean`` (``true``, ``"False"`` alike),
+    integers as ``Int64`` (a ``batch_size`` never turns float because another row lacks it),
+    numbers as float, the rest (and the :data:`TEXT` columns) as text; empty cells as NA."""
+    df = df.copy()
+    for c in df.columns:
+        if c in TEXT:
+            continue
+        values = df[c].tolist()
+        kind = _kind(values)
+        empty = [_empty(v) for v in values]
+        if kind == "bool":
+            df[c] = pd.array([pd.NA if e else (v if isinstance(v, bool) else
+                                               _BOOL[str(v).lower()])
+                              for v, e in zip(values, empty, strict=True)], dtype="boolean")
+        elif kind == "int":
+            df[c] = pd.array([pd.NA if e else int(v) for v, e in zip(values, empty, strict=True)],
+                             dtype="Int64")
+        elif kind == "float":
+            df[c] = [math.nan if e else float(v) for v, e in zip(values, empty, strict=True)]
+    return df
+
+
+def _provenance(row: dict) -> dict:
+    """The evaluation's provenance as columns; ``code_version`` is the evaluated artifact's
+    own where it records one (a latent export), else the evaluation's."""
+    prov = row.get("provenance") if isinstance(row.get("provenance"), dict) else {}
+    out = {k: prov[k] for k in ("torch", "python", "host") if k in prov}
+    out["code_version"] = row.get("code_version") or prov.get("code_version")
+    return out
+
+
 def collect(paths: list[str | Path]) -> pd.DataFrame:
-    """One row per metrics JSON, the documented columns first, sorted stage, run, seed."""
+    """One row per metrics JSON, the documented columns first, sorted stage, run, seed; each
+    column of one type (:func:`typed`); ``run_seconds`` = training plus evaluation time."""
     rows = []
     for p in paths:
         row = read_json(p)
-        rows.append({k: v for k, v in row.items() if not isinstance(v, (dict, list))})
+        rows.append({**{k: v for k, v in row.items() if not isinstance(v, (dict, list))},
+                     **_provenance(row)})
     df = pd.DataFrame(rows)
     for c in COLUMNS + TAIL:
         if c not in df:
             df[c] = pd.NA
+    df = typed(df)
+    # Columns every table has, typed even when no row fills them (top5 with few classes).
     for c in ("seed", "round"):
         df[c] = pd.to_numeric(df[c]).astype("Int64")
+    for c in ("top1", "top5", "train_seconds", "eval_seconds"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    # The time a row cost: its training (a latent model's, a method's) plus its evaluation.
+    df["run_seconds"] = df[["train_seconds", "eval_seconds"]].sum(axis=1, min_count=1)
     head = COLUMNS + knn_columns(df.columns) + TAIL
     df = df[head + sorted(set(df.columns) - set(head))]
     return order_rows(df)
@@ -73,8 +145,6 @@ def paired_difference(
         mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) (sd with n - 1 degrees of freedom), NaN
         with fewer than two pairs; the mean is NaN with none.
     """
-    from scipy import stats
-
     both = pd.concat([variant.rename("v"), baseline.rename("b")], axis=1, join="inner").dropna()
     d = (both["v"] - both["b"]).to_numpy(dtype=float)
     n = len(d)
@@ -83,8 +153,18 @@ def paired_difference(
     mean = float(d.mean())
     if n < 2:
         return mean, math.nan, math.nan, 1
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    half = t_half_width(float(d.std(ddof=1)), n, level)
     return mean, mean - half, mean + half, n
+
+
+def t_half_width(sd: float, n: int, level: float = 0.95) -> float:
+    """Half-width t_{(1+level)/2, n-1} * sd / sqrt(n) of the t interval of a mean over n
+    values with standard deviation ``sd`` (n - 1 degrees of freedom); NaN with n < 2."""
+    from scipy import stats
+
+    if n < 2 or pd.isna(sd):
+        return math.nan
+    return float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
 
 
 def verdict(low: float, high: float, n: int) -> str:
@@ -119,9 +199,15 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     run - baseline on the same seed), ``<col>_diff_ci95_low`` / ``_high`` (t interval) and
     ``n_pairs``; ``versus`` names the baseline; ``top1_verdict`` says in words whether the
     interval excludes 0.
+
+    Also, for top1 and each ``knn<k>_top1``, ``<col>_ci95_low`` / ``_high``: the t interval
+    of the mean over seeds (for the charts); the time one run of the configuration took,
+    mean over seeds (``run_seconds`` = ``train_seconds`` + ``eval_seconds``, the columns
+    present); and the ``code_version`` of its rows.
     """
     acc = accuracy_columns(df.columns)
     paired = ["top1"] + [c for c in knn_columns(df.columns) if c.endswith("_top1")]
+    seconds = [c for c in ("run_seconds", "train_seconds", "eval_seconds") if c in df]
     out = []
     for (dataset, run), g in df.groupby(["dataset", "run"], sort=False):
         first = g.iloc[0]
@@ -134,6 +220,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(g[c], errors="coerce")
             row[f"{c}_mean"] = values.mean()
             row[f"{c}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan
+            if c in paired:
+                half = t_half_width(row[f"{c}_std"], int(values.notna().sum()))
+                row[f"{c}_ci95_low"] = row[f"{c}_mean"] - half
+                row[f"{c}_ci95_high"] = row[f"{c}_mean"] + half
         for c in ("purity_at_1", "purity_at_k"):
             if c in g:
                 row[c] = pd.to_numeric(g[c], errors="coerce").mean()
@@ -152,11 +242,93 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             if c == "top1":
                 row["n_pairs"] = n
                 row["top1_verdict"] = verdict(low, high, n) if n is not pd.NA else ""
+        for c in seconds:
+            row[c] = pd.to_numeric(g[c], errors="coerce").mean()
+        if "code_version" in g:
+            row["code_version"] = " ".join(sorted({str(v) for v in g["code_version"].dropna()
+                                                   if str(v)}))
         out.append(row)
     summary = pd.DataFrame(out)
     if len(summary):
         summary["n_pairs"] = summary["n_pairs"].astype("Int64")
+        summary["round"] = pd.to_numeric(summary["round"]).astype("Int64")
     return summary
+
+
+def _label(col: str) -> str:
+    """``top1`` -> ``linear top-1``, ``knn20_top1`` -> ``knn20 top-1``."""
+    return "linear top-1" if col == "top1" else col.replace("_top1", " top-1").replace(
+        "_top5", " top-5")
+
+
+def paired_columns(summary: pd.DataFrame) -> list[str]:
+    """The accuracy columns with a paired difference: top1, then each kNN top-1."""
+    return [c[:-5] for c in summary.columns if c.endswith("_diff")]
+
+
+def differs(summary: pd.DataFrame) -> pd.Series:
+    """Per configuration: whether a paired 95 % interval to its baseline (linear-probe or
+    any kNN top-1) excludes 0, as :func:`verdict` reads it."""
+    n = summary["n_pairs"] if "n_pairs" in summary else pd.Series(pd.NA, summary.index)
+    hits = [False] * len(summary)
+    for c in paired_columns(summary):
+        hits = [h or (not pd.isna(k) and verdict(lo, hi, int(k)).endswith("than baseline"))
+                for h, lo, hi, k in zip(hits, summary[f"{c}_diff_ci95_low"],
+                                        summary[f"{c}_diff_ci95_high"], n, strict=True)]
+    return pd.Series(hits, index=summary.index, dtype=bool)
+
+
+def _names(runs: list[str]) -> str:
+    return runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + f" and {runs[-1]}"
+
+
+def _verdict_one(summary: pd.DataFrame) -> str:
+    compared = summary[summary["versus"].fillna("").astype(str).ne("")] if (
+        "versus" in summary) else summary[:0]
+    hit = compared[differs(compared)] if len(compared) else compared
+    if compared.empty:
+        text = "No configuration is compared with a baseline in this experiment."
+    elif hit.empty:
+        single = int((compared["n_pairs"].fillna(0) < 2).sum())
+        text = ("No configuration differs from its baseline: the 95 % paired interval of "
+                "the linear-probe and kNN top-1 contains 0 for "
+                + ("the one compared configuration" if len(compared) == 1 else
+                   f"all {len(compared)} compared configurations")
+                + (f" ({single} with one seed pair and no interval)" if single else "") + ".")
+    else:
+        items = []
+        for r in hit.to_dict("records"):
+            diffs = ", ".join(
+                f"{_label(c)} "
+                + diff_text(r[f"{c}_diff"], r[f"{c}_diff_ci95_low"], r[f"{c}_diff_ci95_high"])
+                for c in paired_columns(hit) if not pd.isna(r[f"{c}_diff"]))
+            items.append(f"{r['run']} vs {r['versus']} ({int(r['n_pairs'])} seed pairs): "
+                         f"{diffs}")
+        verb = "differs from its" if len(hit) == 1 else "differ from their"
+        text = (f"{len(hit)} of {len(compared)} compared configuration"
+                f"{'' if len(compared) == 1 else 's'} {verb} baseline (95 % paired interval "
+                f"excludes 0): {'; '.join(items)}.")
+    means = pd.to_numeric(summary["top1_mean"], errors="coerce")
+    if means.notna().any():
+        top = float(means.max())
+        best = summary.loc[(means - top).abs() <= 1e-12, "run"].astype(str).tolist()
+        text += (f" Best mean linear top-1: {best[0]} {top:.4f}." if len(best) == 1 else
+                 f" Best mean linear top-1: {top:.4f}, tied between {_names(best)}.")
+    return text
+
+
+def verdict_line(summary: pd.DataFrame) -> str:
+    """The experiment's answer in one line: which configurations differ from their baseline
+    (the paired 95 % interval of :func:`summarise` excludes 0, linear probe or kNN), with
+    the mean difference and interval of each paired column, or that none does; then the
+    best mean linear top-1 and its run. One sentence group per data set when there are
+    several. Shown on the report's landing page, atop the summary page and in the log."""
+    if summary.empty:
+        return "No results."
+    groups = list(summary.groupby("dataset", sort=False))
+    if len(groups) == 1:
+        return _verdict_one(summary)
+    return " ".join(f"{d}: {_verdict_one(g)}" for d, g in groups)
 
 
 def add_purity(df: pd.DataFrame, purity: pd.DataFrame) -> pd.DataFrame:
@@ -218,7 +390,9 @@ def _pm(mean, std) -> str:
     return f"{mean:.4f}" + (f" ± {std:.4f}" if not pd.isna(std) else "")
 
 
-def _diff(mean, low, high) -> str:
+def diff_text(mean, low, high) -> str:
+    """A paired difference for people: ``+0.0133 [-0.0246, +0.0513]``; ``[n < 2]`` without
+    an interval, empty without a difference."""
     if pd.isna(mean):
         return ""
     interval = f" [{low:+.4f}, {high:+.4f}]" if not pd.isna(low) else " [n < 2]"
@@ -236,7 +410,7 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
                                           strict=True)]
 
     def diff(c):
-        return [_diff(m, lo, hi) for m, lo, hi in zip(
+        return [diff_text(m, lo, hi) for m, lo, hi in zip(
             summary[f"{c}_diff"], summary[f"{c}_diff_ci95_low"], summary[f"{c}_diff_ci95_high"],
             strict=True)]
 
@@ -257,14 +431,53 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
             out[f"Δ {c.replace('_', ' ')} [95 % CI]"] = diff(c)
     if "purity_at_k" in summary:
         out["purity@k"] = summary["purity_at_k"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    if "run_seconds" in summary:
+        out["time / run"] = summary["run_seconds"].map(duration)
     return out[[c for c in out.columns if (out[c].astype(str) != "").any()]]
 
 
+def duration(seconds) -> str:
+    """Seconds for people: ``8.2 s``, ``3.5 min``, ``1.25 h``; empty when unknown."""
+    if pd.isna(seconds):
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
 def summary_text(summary: pd.DataFrame) -> str:
-    """The summary as a fixed-width text table (printed to the aggregate log)."""
+    """The verdict line above the summary as a fixed-width text table (the aggregate log)."""
     show = summary_display(summary)
     keep = [c for c in show.columns if "top5" not in c]
-    return show[keep].to_string(index=False)
+    return verdict_line(summary) + "\n\n" + show[keep].to_string(index=False)
+
+
+# Decimals a CSV writes per kind of float column: accuracies and purities (and their means,
+# spreads, differences and intervals) 4, seconds 2, anything else 6 significant digits.
+_FIXED4 = re.compile(r"(^|_)top[15](_|$)|purity|_(mean|std|diff|ci95_low|ci95_high)$")
+
+
+def _float_format(column: str) -> str:
+    if "seconds" in column:
+        return "{:.2f}"
+    return "{:.4f}" if _FIXED4.search(column) else "{:.6g}"
+
+
+def _signless_zero(text: str) -> str:
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a results table with one spelling per type: booleans ``True``/``False``,
+    integers without decimals, floats rounded by column (:func:`_float_format`), empty
+    cells for missing values; atomically."""
+    out = df.copy()
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(out[c]):
+            fmt = _float_format(c)
+            out[c] = ["" if pd.isna(v) else _signless_zero(fmt.format(v)) for v in out[c]]
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, index=False)
 
 
 STYLE = """<style>
@@ -320,9 +533,31 @@ def dataset_names(df: pd.DataFrame) -> str:
     return ", ".join(sorted(df["dataset"].astype(str).unique()))
 
 
-def overview_rst(df: pd.DataFrame, data_path: str | Path | None) -> str:
-    """Landing-page lines of the report: the data set and its image counts."""
+def _rst_table(show: pd.DataFrame) -> str:
+    """A DataFrame of strings as a reStructuredText csv-table (every cell quoted)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(
+        [list(show.columns), *show.astype(str).values.tolist()])
+    body = "".join(f"   {line}\n" for line in buf.getvalue().splitlines())
+    return ".. csv-table::\n   :header-rows: 1\n\n" + body
+
+
+def overview_rst(df: pd.DataFrame, data_path: str | Path | None,
+                 summary: pd.DataFrame | None = None) -> str:
+    """Landing-page text of the report: the verdict line and the summary table first (the
+    answer), then the data set and its image counts."""
     lines = []
+    if summary is not None and len(summary):
+        show = summary_display(summary)
+        keep = [c for c in show.columns
+                if "top5" not in c and c not in ("verdict (top-1)", "purity@k", "pairs")]
+        lines += [f"**Answer.** {verdict_line(summary)}",
+                  "**Summary** (mean ± std over seeds; Δ: paired difference to the "
+                  "configuration's baseline on the same seeds, with its 95 % interval; "
+                  "details in `summary.html`_):", _rst_table(show[keep])]
     datasets = dataset_names(df)
     if data_path is not None:
         from pipeline.io import load_prepared
@@ -357,12 +592,10 @@ def aggregate(
     if purity is not None:
         df = add_purity(df, pd.read_csv(purity))
         df = add_neighbour_flags(df, pd.read_csv(purity, keep_default_na=False))
-    with atomic_path(out) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.4f")
+    write_csv(df, out)
     s = summarise(df)
     if summary is not None:
-        with atomic_path(summary) as tmp:
-            s.to_csv(tmp, index=False, float_format="%.5f")
+        write_csv(s, summary)
     if table_html is not None:
         with atomic_path(table_html) as tmp:
             shown = df[[c for c in df.columns if df[c].notna().any()]]
@@ -374,11 +607,12 @@ def aggregate(
             n_test = pd.to_numeric(df["n_test"], errors="coerce").max()
             scale = (f"<p>{int(n_test):,} test images: one image is {1 / n_test:.4f} of "
                      "accuracy.</p>" if n_test > 0 else "")
-            tmp.write_text(html_page(summary_display(s), title, SUMMARY_INTRO + scale),
+            answer = f"<p><b>Answer.</b> {html.escape(verdict_line(s))}</p>"
+            tmp.write_text(html_page(summary_display(s), title, answer + SUMMARY_INTRO + scale),
                            encoding="utf-8")
     if overview is not None:
         with atomic_path(overview) as tmp:
-            tmp.write_text(overview_rst(df, data), encoding="utf-8")
+            tmp.write_text(overview_rst(df, data, s), encoding="utf-8")
     print(f"aggregate: {len(df)} rows, {len(s)} configurations -> {out}", flush=True)
     print(summary_text(s), flush=True)
     return df

@@ -110,3 +110,119 @@ def check_report(report: str | Path, folder: str | Path, config_file: str | Path
             f"{shown_path(folder)} has no results yet ({shown_path(table)} is missing): run "
             f"snakemake --cores 8 results/linear_eval.csv --configfile {shown_path(config_file)} "
             "first, then the report")
+
+
+# ------------------------------------------------------------------ the report's configuration
+
+# dataset keys that only some sources read (pipeline.prepare); another source's keys never
+# show in the report: an image-folder experiment has no dataset.synthetic.*.
+SOURCE_KEYS = {
+    "root": ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder",
+             "npz"),
+    "download": ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "stl10"),
+    "resize": ("imagefolder",),
+    "test_fraction": ("digits", "synthetic", "imagefolder"),
+    "stl10_unlabeled": ("stl10",),
+    "synthetic": ("synthetic",),
+}
+
+
+def used_config(config: dict, tag: str) -> dict:
+    """The resolved config as the experiment used it: ``dataset.tag`` is the folder name
+    actually used (also when it came from the config file's name), and the ``dataset`` keys
+    that only another source reads (:data:`SOURCE_KEYS`) are left out."""
+    out = json.loads(json.dumps(config, default=str))
+    dataset = out["dataset"]
+    for key, sources in SOURCE_KEYS.items():
+        if dataset.get("name") not in sources:
+            dataset.pop(key, None)
+    dataset["tag"] = tag
+    return out
+
+
+def changed_keys(config: dict, tag: str) -> dict[str, tuple]:
+    """Dotted key -> (value, schema default) for every key of :func:`used_config` whose value
+    is not the schema default (``dataset.tag`` left out: the report names the tag itself);
+    the default is ``None`` for a key the schema gives none."""
+    from pipeline.config import validate_config
+    from pipeline.schema import flatten
+
+    defaults = flatten(validate_config({}))
+    used = flatten(used_config(config, tag))
+    return {k: (v, defaults.get(k)) for k, v in used.items()
+            if k != "dataset.tag" and (k not in defaults or v != defaults[k])}
+
+
+def _preset_keys(config: dict) -> tuple[str, set[str]]:
+    """The preset the config resolved (``""`` for none) and the dotted keys it sets."""
+    from pipeline.config import load_preset, presets
+    from pipeline.schema import flatten
+
+    name = config.get("preset", "auto")
+    if name == "auto":
+        name = config["dataset"]["name"] if config["dataset"]["name"] in presets() else "none"
+    if name == "none":
+        return "", set()
+    return name, set(flatten(load_preset(name)))
+
+
+def _yaml_lines(node: dict, changed: dict[str, tuple], order: dict, prefix: str = "",
+                pad: str = "") -> list[str]:
+    """A nested config as YAML (values in JSON flow style), keys in the schema's order (that
+    of ``order``, a dict of the defaults), each changed key commented with its default."""
+    lines = []
+    rank = {k: i for i, k in enumerate(order)}
+    for key in sorted(node, key=lambda k: (rank.get(k, len(rank)), k)):
+        value, dotted = node[key], f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            lines.append(f"{pad}{key}:")
+            lines += _yaml_lines(value, changed, order.get(key) or {}, dotted + ".",
+                                 pad + "  ")
+        else:
+            note = (f"  # default: {json.dumps(changed[dotted][1])}" if dotted in changed
+                    else "")
+            lines.append(f"{pad}{key}: {json.dumps(value)}{note}")
+    return lines
+
+
+def config_rst(config: dict, tag: str) -> str:
+    """The report landing page's configuration section (reStructuredText): the experiment's
+    tag as used, the keys that differ from the schema defaults (those a preset filled
+    marked), and the whole resolved config in a collapsed block."""
+    import html
+
+    changed = changed_keys(config, tag)
+    preset, from_preset = _preset_keys(config)
+    dataset = config["dataset"]
+    why = ("set by dataset.tag" if dataset.get("tag") else
+           "the data set's name" if tag == dataset["name"] else "the config file's name")
+    lines = [f"**Experiment** ``{tag}`` ({why}): results in ``results/{tag}/``.", ""]
+    if changed:
+        lines += [f"**Configuration**: the {len(changed)} key"
+                  f"{'s' if len(changed) != 1 else ''} that differ from the schema defaults "
+                  "(``workflow/schemas/config.schema.yaml``); every other key has its "
+                  "default" + (f"; *preset*: filled by the {preset} preset" if preset else "")
+                  + ".", "", "::", ""]
+        for key, (value, _) in changed.items():
+            mark = f"  (preset {preset})" if key in from_preset else ""
+            lines.append(f"   {key}: {json.dumps(value)}{mark}")
+    else:
+        lines.append("**Configuration**: every key has its schema default "
+                     "(``workflow/schemas/config.schema.yaml``).")
+    from pipeline.config import validate_config
+
+    full = "\n".join(_yaml_lines(used_config(config, tag), changed, validate_config({})))
+    lines += ["", ".. raw:: html", "",
+              "   <details><summary>The whole resolved configuration (every key; a changed "
+              "key shows its default)</summary><pre>"]
+    lines += [f"   {line}" for line in html.escape(full, quote=False).splitlines()]
+    lines += ["   </pre></details>", ""]
+    return "\n".join(lines)
+
+
+def write_config_rst(path: str | Path, config: dict, tag: str) -> None:
+    """Write :func:`config_rst` to ``path`` (the report includes it on its landing page)."""
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(config_rst(config, tag), encoding="utf-8")

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.aggregate import REFERENCE, dataset_names, knn_columns, versus_of
+from pipeline.aggregate import (
+    REFERENCE,
+    dataset_names,
+    diff_text,
+    knn_columns,
+    paired_difference,
+    t_half_width,
+    versus_of,
+)
 from pipeline.io import read_json
 from pipeline.plots import _pyplot, _save
 
@@ -42,41 +50,99 @@ def _neighbour_runs(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_run(summary: pd.DataFrame) -> str | None:
-    """The neighbour configuration with the highest mean linear top-1 (None if there is none)."""
+    """The neighbour configuration with the highest mean linear top-1 (None if there is none).
+
+    Highest mean only: whether it differs from its baseline is :func:`differing_run`'s call.
+    """
     runs = _neighbour_runs(summary)
     return None if runs.empty else str(
         runs.sort_values("top1_mean", ascending=False, kind="stable").iloc[0].run)
 
 
-def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
-    """Horizontal bars of linear-probe top-1 per run (mean +- std over seeds), and a diamond
-    for the first weighted-kNN top-1 column."""
+def differing_run(summary: pd.DataFrame) -> str | None:
+    """The neighbour configuration whose paired 95 % interval of linear top-1 to its baseline
+    excludes 0, the largest difference first (None when no configuration differs)."""
+    runs = _neighbour_runs(summary)
+    if runs.empty or "top1_verdict" not in runs:
+        return None
+    hit = runs[runs["top1_verdict"].isin(["better than baseline", "worse than baseline"])]
+    return None if hit.empty else str(
+        hit.sort_values("top1_diff", ascending=False, kind="stable").iloc[0].run)
+
+
+def _interval(summary: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds and its 95 % t-interval per configuration, cut to [0, 1] (accuracy
+    bounds); NaN ends where one run gives no interval."""
+    mean = pd.to_numeric(summary[f"{col}_mean"], errors="coerce").to_numpy(float)
+    if f"{col}_ci95_low" in summary:
+        low = pd.to_numeric(summary[f"{col}_ci95_low"], errors="coerce").to_numpy(float)
+        high = pd.to_numeric(summary[f"{col}_ci95_high"], errors="coerce").to_numpy(float)
+    else:  # a summary from before the interval columns: from std and the number of seeds
+        half = np.array([t_half_width(sd, int(n)) for sd, n in zip(
+            summary[f"{col}_std"], summary["n_seeds"], strict=True)], float)
+        low, high = mean - half, mean + half
+    return mean, np.clip(low, 0, 1), np.clip(high, 0, 1)
+
+
+def accuracy_chart(summary: pd.DataFrame, path: str | Path):
+    """Dot-and-interval chart of accuracy per configuration: a dot at the mean over seeds,
+    a bar for the 95 % t-interval of that mean (open dot: one run, no interval); one panel
+    for the linear-probe top-1 and one for the weighted-kNN top-1 with the smallest k. Each
+    method's baseline mean is a vertical line. Dots, not bars: the axis need not start at 0.
+
+    Returns:
+        The (closed) matplotlib figure, for tests to read its axes.
+    """
     knn = [c for c in knn_columns([c[:-5] for c in summary.columns if c.endswith("_mean")])
            if c.endswith("_top1")]
+    cols = ["top1"] + knn[:1]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(summary) + 1.4))
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols) + 2.6,
+                                                    0.32 * len(summary) + 1.6),
+                             sharey=True, squeeze=False)
     labels = [r.run + (f" (n={r.n_seeds})" if r.n_seeds > 1 else "")
               for r in summary.itertuples()]
     y = np.arange(len(summary))[::-1]
-    ax.barh(y, summary["top1_mean"], xerr=summary["top1_std"].fillna(0), capsize=3,
-            color=[STAGE_COLOURS.get(s, "#55a868") for s in summary["stage"]],
-            label="linear probe top-1")
-    if knn:
-        ax.scatter(summary[f"{knn[0]}_mean"], y, marker="D", s=14, color="black", zorder=3,
-                   label=f"weighted kNN top-1, k={knn[0][3:-5]}")
-    for yi, m in zip(y, summary["top1_mean"], strict=True):
-        ax.text(1.005, yi, f"{m:.3f}", va="center", fontsize=7,
-                transform=ax.get_yaxis_transform())
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("test accuracy (bars: linear-probe top-1, mean ± std over seeds)")
-    lows = summary["top1_mean"].min(), summary[f"{knn[0]}_mean"].min() if knn else 1.0
-    ax.set_xlim(max(0.0, float(np.nanmin(lows)) - 0.05), 1.01)
-    ax.set_title(f"{dataset_names(summary)}: accuracy per representation\n"
-                 "grey: raw pixels, blue: latent spaces, other colours: methods", fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()),
-              ncol=2, frameon=False)
-    ax.grid(axis="x", alpha=0.3)
+    colours = [STAGE_COLOURS.get(s, "#55a868") for s in summary["stage"]]
+    baselines = summary[summary["run"].astype(str).str.endswith("-baseline")]
+    for ax, col in zip(axes[0], cols, strict=True):
+        mean, low, high = _interval(summary, col)
+        for yi, m, lo, hi, c in zip(y, mean, low, high, colours, strict=True):
+            if np.isnan(m):
+                continue
+            if np.isnan(lo):
+                ax.plot(m, yi, "o", mfc="white", color=c, zorder=3)
+            else:
+                ax.errorbar(m, yi, xerr=[[m - lo], [hi - m]], fmt="o", color=c, capsize=3,
+                            zorder=3)
+            ax.text(1.01, yi, f"{m:.3f}", va="center", fontsize=7,
+                    transform=ax.get_yaxis_transform())
+        for b in baselines.itertuples():
+            m = float(getattr(b, f"{col}_mean"))
+            method = str(b.run).removesuffix("-baseline")
+            ax.axvline(m, color=STAGE_COLOURS.get(method, "black"), ls="--", lw=1, zorder=1,
+                       label=f"{b.run} mean")
+        ends = np.concatenate([mean, low, high])
+        ends = ends[~np.isnan(ends)]
+        lo_end, hi_end = (float(ends.min()), float(ends.max())) if len(ends) else (0.0, 1.0)
+        pad = max(0.02, 0.06 * (hi_end - lo_end))
+        ax.set_xlim(max(-0.01, lo_end - pad), min(1.01, hi_end + pad))
+        name = "linear-probe top-1" if col == "top1" else (
+            f"weighted-kNN top-1 (k={col[3:-5]})")
+        ax.set_xlabel(f"test accuracy, {name}", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_yticks(y, labels, fontsize=8)
+    if len(baselines):
+        axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0),
+                           frameon=False)
+    fig.suptitle(f"{dataset_names(summary)}: accuracy per representation\n"
+                 "dot: mean over seeds; bar: 95 % t-interval of the mean (cut at 0 and 1); "
+                 "open dot: one run; dashed: each method's baseline mean\n"
+                 "grey: raw pixels, blue: latent spaces, other colours: methods",
+                 fontsize=9, y=1.0, va="bottom")
     _save(fig, path)
+    return fig
 
 
 def paired_chart(summary: pd.DataFrame, path: str | Path) -> None:
@@ -235,51 +301,90 @@ def _evals(paths: list[str | Path]) -> pd.DataFrame:
 
 
 def per_class_chart(evals: list[str | Path], summary: pd.DataFrame, classes: list[str],
-                    path: str | Path) -> None:
-    """Per-class linear-probe top-1 (mean over seeds) of the best neighbour configuration and
-    of its own method's baseline, side by side, with the difference written above each pair."""
-    best = best_run(summary)
+                    path: str | Path):
+    """Per-class linear-probe top-1 of a neighbour configuration and its method's baseline
+    (dots: mean over seeds), and per class their paired difference over the same seeds with
+    its 95 % t-interval. The configuration is the one whose top-1 interval excludes 0 (it
+    "differs"); when none does, the title says so and shows the highest mean instead.
+
+    Returns:
+        The (closed) matplotlib figure, or None for the placeholder.
+    """
+    chosen = differing_run(summary)
+    shown = chosen or best_run(summary)
     df = _evals(evals)
     title = "Per-class accuracy"
-    base_run = None if best is None else versus_of(
-        summary[summary["run"] == best].iloc[0].to_dict())
-    if best is None or base_run not in set(df["run"]):
+    base_run = None if shown is None else versus_of(
+        summary[summary["run"] == shown].iloc[0].to_dict())
+    if shown is None or base_run not in set(df["run"]):
         _placeholder(path, title, "Needs a neighbour configuration and its method's baseline.")
-        return
+        return None
 
-    def mean_per_class(run):
-        rows = [np.array([np.nan if v is None else v for v in pc], float)
-                for pc in df.loc[df["run"] == run, "per_class"] if pc is not None]
-        return np.nanmean(np.stack(rows), axis=0), len(rows)
+    def per_seed(run) -> pd.DataFrame:  # rows: seeds, columns: classes
+        rows = {(0 if pd.isna(s) else int(s)): [np.nan if v is None else v for v in pc]
+                for s, pc in zip(df.loc[df["run"] == run, "seed"],
+                                 df.loc[df["run"] == run, "per_class"], strict=True)
+                if pc is not None}
+        return pd.DataFrame.from_dict(rows, orient="index", dtype=float)
 
-    (b, nb), (v, nv) = mean_per_class(base_run), mean_per_class(best)
-    names = [classes[i] if i < len(classes) else str(i) for i in range(len(b))]
-    x = np.arange(len(b))
+    b, v = per_seed(base_run), per_seed(shown)
+    n_cls = max(b.shape[1], v.shape[1])
+    diffs = np.array([paired_difference(v[j], b[j])[:3] if j in v and j in b else
+                      (np.nan,) * 3 for j in range(n_cls)], float)
+    names = [classes[i] if i < len(classes) else str(i) for i in range(n_cls)]
+    x = np.arange(n_cls)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(b) + 2), 3.6))
-    ax.bar(x - 0.2, b, 0.4, color="#555555", label=f"{base_run} (n={nb})")
-    ax.bar(x + 0.2, v, 0.4, color="#dd8452", label=f"{best} (n={nv})")
-    for xi, d, top in zip(x, np.round(v - b, 6), np.fmax(b, v), strict=True):
-        if not np.isnan(d):
-            ax.text(xi, top + 0.01, f"{d:+.3f}", ha="center", fontsize=7,
-                    color="#2a9d4b" if d > 0 else "#c8382e" if d < 0 else "black")
-    ax.set_xticks(x, names, fontsize=8, rotation=45 if max(map(len, names)) > 3 else 0)
-    low = float(np.nanmin(np.fmin(b, v)))
-    ax.set_ylim(max(0.0, low - 0.1), 1.045)
-    ax.set_yticks([t for t in ax.get_yticks() if max(0.0, low - 0.1) <= t <= 1.0])
-    ax.set_ylabel("test top-1 of the class (mean over seeds)", fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{dataset_names(summary)}: {title}, best neighbour configuration against "
-                 "its method's baseline\n(numbers: best − baseline)", fontsize=9)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * n_cls + 2), 5.4),
+                                      sharex=True, height_ratios=[1.2, 1])
+    top.plot(x - 0.1, b.mean().reindex(range(n_cls)), "o", color="#555555",
+             label=f"{base_run} (n={len(b)})")
+    top.plot(x + 0.1, v.mean().reindex(range(n_cls)), "o", color="#dd8452",
+             label=f"{shown} (n={len(v)})")
+    top.set_ylabel("test top-1 of the class\n(mean over seeds)", fontsize=8)
+    top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    top.grid(axis="y", alpha=0.3)
+    for xi, (m, lo, hi) in zip(x, diffs, strict=True):
+        if np.isnan(m):
+            continue
+        colour = "#2a9d4b" if lo > 0 else "#c8382e" if hi < 0 else "#444444"
+        if np.isnan(lo):
+            bottom.plot(xi, m, "o", mfc="white", color="#444444")
+        else:
+            bottom.errorbar(xi, m, yerr=[[m - lo], [hi - m]], fmt="o", color=colour, capsize=3)
+    bottom.axhline(0, color="black", lw=0.8)
+    low, high = bottom.get_ylim()  # a difference of accuracies lies in [-1, 1]
+    bottom.set_ylim(max(low, -1.05), min(high, 1.05))
+    bottom.set_ylabel(f"Δ top-1 of the class\n({shown} − {base_run})", fontsize=8)
+    bottom.grid(axis="y", alpha=0.3)
+    bottom.set_xticks(x, names, fontsize=8, rotation=45 if max(map(len, names)) > 3 else 0)
+    for ax in (top, bottom):
+        ax.tick_params(labelsize=7)
+    row = summary[summary["run"] == shown].iloc[0]
+    overall = _diff_text(row)
+    if chosen is not None:
+        head = f"{shown} differs from {base_run} (linear top-1 Δ {overall})"
+    else:
+        head = (f"no configuration differs from its baseline (every linear top-1 95 % "
+                f"paired interval contains 0);\nshown: the highest mean top-1, {shown} "
+                f"(Δ {overall})")
+    fig.suptitle(f"{dataset_names(summary)}: {title}: {head}\nbottom: per class, mean "
+                 "paired difference over seeds and its 95 % t-interval (green/red: excludes 0;"
+                 " open dot: one pair)", fontsize=9, y=1.0, va="bottom")
     _save(fig, path)
+    return fig
+
+
+def _diff_text(row) -> str:
+    """``+0.0133 [-0.0246, +0.0513]`` of a summary row's linear top-1 paired difference."""
+    return diff_text(row.get("top1_diff"), row.get("top1_diff_ci95_low"),
+                     row.get("top1_diff_ci95_high")) or "none"
 
 
 def embedding_map(evals: list[str | Path], summary: pd.DataFrame, labels: np.ndarray,
                   classes: list[str], path: str | Path) -> None:
     """2-D PCA (of L2-normalised features, fit on the training images) of the test images in
-    each latent space and in the trained encoders (each method's baseline and the best neighbour
-    configuration, first seed), coloured by label."""
+    each latent space and in the trained encoders (each method's baseline and the neighbour
+    configuration with the highest mean top-1, first seed), coloured by label."""
     df = _evals(evals)
     order = [r for r in df["run"].unique() if r.startswith("latent-")]
     order += ["pixels"] if "pixels" in set(df["run"]) else []
@@ -341,5 +446,6 @@ def report_figures(
     train_histories(histories, curves)
     per_class_chart(evals, s, list(prepared.classes), per_class)
     embedding_map(evals, s, prepared.labels, list(prepared.classes), embeddings)
-    print(f"figures: {len(s)} configurations, {len(histories)} training histories, "
-          f"best neighbour configuration {best_run(s)}", flush=True)
+    print(f"figures: {len(s)} configurations, {len(histories)} training histories; "
+          f"differs from its baseline: {differing_run(s) or 'none'}; highest mean neighbour "
+          f"configuration: {best_run(s)}", flush=True)

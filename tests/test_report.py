@@ -97,7 +97,7 @@ def test_report_captions_of_the_results(report):
     _, html = report
     results = _js_object(html, "results")
     chart = _text(results[f"{DS}/accuracy.png"]["caption"])
-    assert "mean ± standard deviation over the training seeds" in chart
+    assert "its bar the 95 % t-interval of that mean" in chart and "Dots, not bars" in chart
     assert results[f"{DS}/accuracy.png"]["job_properties"]["rule"] == "figures"
     assert "paired difference" in _text(results[f"{DS}/summary.html"]["caption"])
 
@@ -130,17 +130,29 @@ def test_figures_exist_and_are_pictures(report):
 
 
 def test_report_has_workflow_description(report):
-    _, html = report
+    wf, html = report
     desc = _text(_js_object(html, "workflow_desc"))
     assert desc, 'the Snakefile needs `report: "workflow/report/workflow.rst"`'
     assert desc.startswith("nnbyol: self-supervised methods (BYOL, SimCLR, NNCLR) whose "
                            "positive pairs are enriched by nearest neighbours")
     assert "Read the report in this order: Results" in desc
+    # The answer first: the aggregate's verdict line, then the summary table.
+    verdict = (wf.path / DS / "logs" / "aggregate.log").read_text().splitlines()[1]
+    assert verdict.endswith(".") and "Best mean linear top-1: " in verdict
+    assert desc.index(f"Answer. {verdict}") < desc.index("Summary (mean ± std over seeds")
+    assert "byol-probabilistic-vae-cosine" in desc.split("Data set synthetic")[0]
     # The data set, its image counts and the configuration used are on the landing page.
     assert "Data set synthetic: 72 images of 12×12 px, 1 channel, 3 classes" in desc
     assert "57 train, 15 test" in desc
-    assert 'uses: ["baseline", "probabilistic"]' in desc and "knn_k: [5, 200]" in desc
-    assert 'methods: ["byol"]' in desc
+    assert "Experiment synthetic (the data set's name): results in results/synthetic/." in desc
+    # Only the keys that differ from the schema defaults, then the whole config collapsed.
+    changes = desc.split("every other key has its default.", 1)[1].split("The whole", 1)[0]
+    assert 'train.uses: ["baseline", "probabilistic"]' in changes
+    assert "evaluate.knn_k: [5, 200]" in changes and "train.seeds: [0, 1]" in changes
+    assert "methods" not in changes and "dataset.tag" not in changes  # defaults, the tag
+    assert 'methods: ["byol"]' in desc and 'tag: "synthetic"' in desc and "tag: null" not in desc
+    assert "root" not in desc and "stl10_unlabeled" not in desc  # another source's keys
+    assert "<details>" in _js_object(html, "workflow_desc")
     # The rule graph of the DAG is embedded too.
     assert "aggregate" in json.dumps(_js_object(html, "rulegraph_spec"))
 
