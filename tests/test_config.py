@@ -278,13 +278,18 @@ def test_stage_params_get_the_config_message_from_any_entry_point(cls, flat, mes
     assert str(via_config.value) == str(err.value)
 
 
+# The hand-written pages that restate defaults (docs/configuration.md is generated).
+MANUAL = ("README.md", "docs/method.md", "docs/running.md")
+
+
 def _readme_key_tables():
     """(section, key, default text) of every `| key | default | meaning |` table in the README;
     the section comes from the nearest heading or bold line naming `section:`."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    readme = "\n".join((root / f).read_text() for f in MANUAL)
     rows, section, in_table = [], "", False
     for line in readme.splitlines():
         named = re.search(r"`(\w+):`", line)
@@ -337,7 +342,8 @@ def _readme_inline_defaults():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    readme = "\n".join((root / f).read_text() for f in MANUAL)
     found = []
     value = r"[-+\w.]+|\[[^\]]*\]"
     for key, text in re.findall(rf"`([a-z_]+(?:\.[a-z_0-9]+)+)` \(({value})[,:)]", readme):
