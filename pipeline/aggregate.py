@@ -384,7 +384,8 @@ def add_neighbour_flags(df: pd.DataFrame, purity: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- text and HTML
 
 
-def _pm(mean, std) -> str:
+def mean_std_text(mean, std) -> str:
+    """``0.9511 ± 0.0042``; the mean alone without a spread, empty without a mean."""
     if pd.isna(mean):
         return ""
     return f"{mean:.4f}" + (f" ± {std:.4f}" if not pd.isna(std) else "")
@@ -406,7 +407,7 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     paired = [c[:-5] for c in summary.columns if c.endswith("_diff")]
 
     def mean_std(c):
-        return [_pm(m, s) for m, s in zip(summary[f"{c}_mean"], summary[f"{c}_std"],
+        return [mean_std_text(m, s) for m, s in zip(summary[f"{c}_mean"], summary[f"{c}_std"],
                                           strict=True)]
 
     def diff(c):

@@ -26,20 +26,40 @@ class AugmentParams:
     grayscale_prob: float = 0.2
 
 
-def rand(n: int, g: torch.Generator, device) -> torch.Tensor:
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[start, stop)`` of a batch of ``total`` images: one training process's part of
+    the global batch (:mod:`pipeline.train.distributed`). Every per-sample number is drawn
+    for all ``total`` rows and the shard's are kept, so a process builds exactly the rows
+    that a single process builds of the whole batch."""
+
+    start: int
+    stop: int
+    total: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def rand(n: int, g: torch.Generator, device, shard: Shard | None = None) -> torch.Tensor:
     """``n`` uniforms in [0, 1) from ``g``, on ``device``. They are drawn where the generator
     lives and moved: the training loop's generators are CPU ones, so the same seed draws the
     same crops, flips and coins for images on the CPU and on CUDA (a few bytes per image
-    cross to the device; the pixels never leave it)."""
-    return torch.rand(n, generator=g, device=g.device).to(device)
+    cross to the device; the pixels never leave it). With a ``shard``, the ``n`` rows are
+    that shard of a batch of ``shard.total``: all are drawn, the shard's returned."""
+    if shard is None:
+        return torch.rand(n, generator=g, device=g.device).to(device)
+    return torch.rand(shard.total, generator=g, device=g.device)[shard.rows].to(device)
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * rand(n, g, device)
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device,
+             shard: Shard | None) -> torch.Tensor:
+    return lo + (hi - lo) * rand(n, g, device, shard)
 
 
-def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
-    return rand(n, g, device) < p
+def _coin(n: int, p: float, g: torch.Generator, device, shard: Shard | None) -> torch.Tensor:
+    return rand(n, g, device, shard) < p
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +71,8 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def crop_flip(
-    x: torch.Tensor, min_scale: float, flip_prob: float, g: torch.Generator
+    x: torch.Tensor, min_scale: float, flip_prob: float, g: torch.Generator,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Random resized crop plus horizontal flip, one affine warp per sample.
 
@@ -64,13 +85,14 @@ def crop_flip(
         min_scale: smallest crop area fraction.
         flip_prob: probability of a horizontal flip.
         g: generator (on the CPU or on ``x.device``).
+        shard: ``x`` is this shard of a larger batch (see :func:`rand`); None: the batch.
 
     Returns:
         (B, C, H, W) warped images, bilinear, borders replicated.
     """
     b, dev = x.shape[0], x.device
-    area = _uniform(b, min_scale, 1.0, g, dev)
-    log_ratio = _uniform(b, math.log(3 / 4), math.log(4 / 3), g, dev)
+    area = _uniform(b, min_scale, 1.0, g, dev, shard)
+    log_ratio = _uniform(b, math.log(3 / 4), math.log(4 / 3), g, dev, shard)
     # A window of area a fits inside the image only if |log ratio| <= -log a; clamping there
     # (instead of rejection sampling as torchvision does) keeps one draw per sample.
     bound = -torch.log(area)
@@ -78,9 +100,9 @@ def crop_flip(
     # Window side lengths as fractions of the image (affine_grid works in [-1, 1] units).
     sw = torch.sqrt(area * ratio).clamp(max=1.0)
     sh = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (2 * rand(b, g, dev) - 1) * (1 - sw)
-    cy = (2 * rand(b, g, dev) - 1) * (1 - sh)
-    flip = _coin(b, flip_prob, g, dev)
+    cx = (2 * rand(b, g, dev, shard) - 1) * (1 - sw)
+    cy = (2 * rand(b, g, dev, shard) - 1) * (1 - sh)
+    flip = _coin(b, flip_prob, g, dev, shard)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0] = torch.where(flip, -sw, sw)
     theta[:, 0, 2] = cx
@@ -101,7 +123,8 @@ def _yiq_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def colour_jitter(
-    x: torch.Tensor, prob: float, strength: float, g: torch.Generator
+    x: torch.Tensor, prob: float, strength: float, g: torch.Generator,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation and hue jitter, applied with ``prob``.
 
@@ -116,16 +139,16 @@ def colour_jitter(
         (B, C, H, W) images in [0, 1].
     """
     b, dev = x.shape[0], x.device
-    apply = _coin(b, prob, g, dev).view(b, 1, 1, 1)
+    apply = _coin(b, prob, g, dev, shard).view(b, 1, 1, 1)
     s = strength
-    bright = _uniform(b, max(0.0, 1 - s), 1 + s, g, dev).view(b, 1, 1, 1)
-    contrast = _uniform(b, max(0.0, 1 - s), 1 + s, g, dev).view(b, 1, 1, 1)
+    bright = _uniform(b, max(0.0, 1 - s), 1 + s, g, dev, shard).view(b, 1, 1, 1)
+    contrast = _uniform(b, max(0.0, 1 - s), 1 + s, g, dev, shard).view(b, 1, 1, 1)
     out = (x * bright).clamp(0, 1)
     mean = _grey(out).mean(dim=(1, 2, 3), keepdim=True)
     out = (mean + contrast * (out - mean)).clamp(0, 1)
     if x.shape[1] == 3:
-        sat = _uniform(b, max(0.0, 1 - s), 1 + s, g, dev).view(b, 1, 1, 1)
-        hue = _uniform(b, -s / 4, s / 4, g, dev) * 2 * math.pi
+        sat = _uniform(b, max(0.0, 1 - s), 1 + s, g, dev, shard).view(b, 1, 1, 1)
+        hue = _uniform(b, -s / 4, s / 4, g, dev, shard) * 2 * math.pi
         grey = _grey(out)
         out = (grey + sat * (out - grey)).clamp(0, 1)
         yiq = _rgb_to_yiq(out)
@@ -136,16 +159,18 @@ def colour_jitter(
     return torch.where(apply, out, x)
 
 
-def random_grayscale(x: torch.Tensor, prob: float, g: torch.Generator) -> torch.Tensor:
+def random_grayscale(x: torch.Tensor, prob: float, g: torch.Generator,
+                     shard: Shard | None = None) -> torch.Tensor:
     """Replace colour images by their luma (kept 3-channel) with ``prob``; grey input unchanged."""
     if x.shape[1] != 3:
         return x
-    apply = _coin(x.shape[0], prob, g, x.device).view(-1, 1, 1, 1)
+    apply = _coin(x.shape[0], prob, g, x.device, shard).view(-1, 1, 1, 1)
     return torch.where(apply, _grey(x).expand_as(x), x)
 
 
 def gaussian_blur(
-    x: torch.Tensor, prob: float, g: torch.Generator, sigma: tuple[float, float] = (0.1, 2.0)
+    x: torch.Tensor, prob: float, g: torch.Generator, sigma: tuple[float, float] = (0.1, 2.0),
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma, applied with ``prob``.
 
@@ -154,9 +179,9 @@ def gaussian_blur(
     """
     b, c, h, w = x.shape
     dev = x.device
-    apply = _coin(b, prob, g, dev).view(b, 1, 1, 1)
+    apply = _coin(b, prob, g, dev, shard).view(b, 1, 1, 1)
     scale = min(h, w) / 224.0
-    s = _uniform(b, sigma[0], sigma[1], g, dev) * max(scale, 0.25)
+    s = _uniform(b, sigma[0], sigma[1], g, dev, shard) * max(scale, 0.25)
     size = max(3, int(0.1 * min(h, w)) | 1)
     r = torch.arange(size, device=dev, dtype=x.dtype) - size // 2
     k = torch.exp(-(r.view(1, -1) ** 2) / (2 * s.view(-1, 1) ** 2))
@@ -170,13 +195,15 @@ def gaussian_blur(
     return torch.where(apply, flat.view(b, c, h, w), x)
 
 
-def solarize(x: torch.Tensor, prob: float, g: torch.Generator, threshold: float = 0.5):
+def solarize(x: torch.Tensor, prob: float, g: torch.Generator, threshold: float = 0.5,
+             shard: Shard | None = None):
     """Invert pixels above ``threshold`` with ``prob`` per sample."""
-    apply = _coin(x.shape[0], prob, g, x.device).view(-1, 1, 1, 1)
+    apply = _coin(x.shape[0], prob, g, x.device, shard).view(-1, 1, 1, 1)
     return torch.where(apply & (x >= threshold), 1 - x, x)
 
 
-def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator,
+            shard: Shard | None = None) -> torch.Tensor:
     """One view of every image: crop+flip, colour jitter, grey, blur, solarise.
 
     Every random choice is per sample and drawn from ``g`` (see :func:`rand`), so the same
@@ -187,19 +214,21 @@ def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator) -> torch.Tens
         x: (B, C, H, W) float images in [0, 1], C in {1, 3}.
         p: augmentation parameters.
         g: generator on the CPU (the same draws on every device) or on ``x.device``.
+        shard: ``x`` holds only this shard's rows of the batch; its views are exactly those
+            rows of the whole batch's views (:class:`Shard`). None: ``x`` is the batch.
 
     Returns:
         (B, C, H, W) float images in [0, 1].
     """
-    x = crop_flip(x, p.crop_min_scale, p.flip_prob, g)
+    x = crop_flip(x, p.crop_min_scale, p.flip_prob, g, shard)
     if p.jitter_prob > 0 and p.jitter_strength > 0:
-        x = colour_jitter(x, p.jitter_prob, p.jitter_strength, g)
+        x = colour_jitter(x, p.jitter_prob, p.jitter_strength, g, shard)
     if p.grayscale_prob > 0:
-        x = random_grayscale(x, p.grayscale_prob, g)
+        x = random_grayscale(x, p.grayscale_prob, g, shard)
     if p.blur_prob > 0:
-        x = gaussian_blur(x, p.blur_prob, g)
+        x = gaussian_blur(x, p.blur_prob, g, shard=shard)
     if p.solarize_prob > 0:
-        x = solarize(x, p.solarize_prob, g)
+        x = solarize(x, p.solarize_prob, g, shard=shard)
     return x
 
 

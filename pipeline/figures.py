@@ -266,7 +266,10 @@ def train_histories(histories: list[str | Path], path: str | Path) -> None:
               ("neighbour_use", "neighbour use (share of views / weight)"),
               ("neighbour_purity", "neighbour purity (label agreement of pairs used)")]
     df["neighbour_purity"] = pd.to_numeric(df["neighbour_purity"], errors="coerce")
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    if "knn_top1" in df and pd.to_numeric(df["knn_top1"], errors="coerce").notna().any():
+        df["knn_top1"] = pd.to_numeric(df["knn_top1"], errors="coerce")
+        panels.append(("knn_top1", "kNN top-1 on held training images (monitor)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.25 * len(panels), 3.8))
     for ax, (col, label) in zip(axes, panels, strict=True):
         for r in runs:
             g = df[df["run"] == r].groupby("epoch")[col]

@@ -74,9 +74,10 @@ def image_grid(
 
 def loss_curves(
     series: dict[str, Sequence[float]], path: str | Path, title: str = "", xlabel: str = "epoch",
-    log_y: bool = False,
+    log_y: bool = False, accuracy: Sequence[float] | None = None,
 ) -> None:
-    """Save one line per named series (e.g. total, reconstruction, KL) against its index."""
+    """Save one line per named series (e.g. total, reconstruction, KL) against its index;
+    ``accuracy`` (the training's per-epoch kNN monitor) on a second axis when given."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, values in series.items():
@@ -87,6 +88,14 @@ def loss_curves(
     ax.set_ylabel("loss")
     if log_y:
         ax.set_yscale("log")
+    if accuracy is not None:
+        values = np.asarray(accuracy, dtype=float)
+        right = ax.twinx()
+        right.plot(np.arange(1, len(values) + 1), values, color="tab:green",
+                   label="kNN top-1 (held training images)")
+        right.set_ylabel("kNN top-1 (held training images)", color="tab:green", fontsize=8)
+        right.set_ylim(0, 1)
+        right.tick_params(labelsize=7)
     if len(series) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

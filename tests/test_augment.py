@@ -91,3 +91,17 @@ def test_draws_come_from_the_generator_wherever_the_images_are():
     assert torch.equal(rand(6, g, "cpu"), expected)
     meta = rand(6, torch.Generator().manual_seed(5), "meta")  # any target device
     assert meta.device.type == "meta" and meta.shape == (6,)
+
+
+def test_a_shard_gets_exactly_its_rows_of_the_whole_batchs_views():
+    """A training process draws every parameter for the global batch and augments only its
+    rows: bit for bit the rows one process makes (pipeline.train.distributed)."""
+    from pipeline.augment import Shard
+
+    for channels in (1, 3):
+        x = torch.rand(8, channels, 12, 12, generator=torch.Generator().manual_seed(1))
+        whole = augment(x, ALL_ON, torch.Generator().manual_seed(2))
+        for start, stop in [(0, 4), (4, 8), (2, 3)]:
+            part = augment(x[start:stop], ALL_ON, torch.Generator().manual_seed(2),
+                           Shard(start, stop, 8))
+            assert torch.equal(part, whole[start:stop])

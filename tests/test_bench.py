@@ -20,7 +20,7 @@ def _load(name):
 
 def test_bench_scripts_all_have_a_smoke_test():
     tested = {"bench_byol", "bench_knn", "bench_neighbours", "bench_lightly", "bench_latent",
-              "bench_revisions", "bench_scale"}
+              "bench_revisions", "bench_scale", "bench_ddp"}
     assert {p.stem for p in BENCH.glob("bench_*.py")} == tested
 
 
@@ -310,3 +310,18 @@ def test_bench_scale_smoke(tmp_path, capsys):
             row[stage]["peak_rss_gib"] < 4, stage
     assert row["train_resident"]["images_per_s"] > 0 < row["train_streamed"]["images_per_s"]
     assert not (tmp_path / "n200").exists()  # removed unless --keep
+
+
+def test_bench_ddp_smoke(capsys):
+    """1x1, 1x2 and 2 gloo processes x 1 thread on one tiny batch, and the paper estimate."""
+    assert _load("bench_ddp").main(["--case", "smallconv:8:1", "--batch-size", "4", "--steps",
+                                    "1", "--warmup", "1", "--repeats", "1",
+                                    "--methods", "nnclr"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out if line.split()[:1] == ["nnclr"]]
+    assert [r[1] for r in rows[:3]] == ["1x1", "1x2", "2x1"]
+    assert all(float(v) > 0 for r in rows[:3] for v in r[2:4])
+    assert float(rows[2][4]) > 0 and float(rows[2][5]) > 0  # all-reduce and gathers, in step
+    estimates = [line for line in out if line.startswith("ESTIMATE nnclr: 8 ")]
+    assert len(estimates) == 3 and all(line.endswith("ms per step in communication")
+                                       for line in estimates)

@@ -817,3 +817,30 @@ def test_device_memory_share_must_be_a_share(tmp_path):
         resolve_config({"train": {"device_memory_share": 0}})
     with pytest.raises(PipelineError, match="train.device_memory_share"):
         resolve_config({"train": {"device_memory_share": 1.5}})
+
+
+def test_knn_monitor_is_logged_per_epoch_and_changes_no_weight(tmp_path, data):
+    """The per-epoch kNN monitor writes knn_top1 into history.csv (a share of the held
+    labelled training images) and draws nothing from the training's random streams."""
+    with_monitor = run(tmp_path, data, "monitor")
+    without = run(tmp_path, data, "plain", knn_monitor=0)
+    assert same_weights(weights(with_monitor), weights(without))
+    logged = [float(r["knn_top1"]) for r in history(with_monitor)]
+    assert len(logged) == TINY["epochs"] and all(0.0 <= v <= 1.0 for v in logged)
+    assert {r["knn_top1"] for r in history(without)} == {""}
+    summary = torch.load(with_monitor, weights_only=False)["summary"]
+    assert summary["code_version"] != ""
+
+
+def test_tensorboard_scalars_read_back_per_epoch(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run(tmp_path, data, "tb", tensorboard=True)
+    events = EventAccumulator(str(out.parent / "tensorboard"))
+    events.Reload()
+    rows = history(out)
+    for key in ("loss", "lr", "knn_top1"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [int(r["epoch"]) for r in rows]
+        assert [e.value for e in logged] == pytest.approx([float(r[key]) for r in rows],
+                                                          rel=1e-6)

@@ -10,7 +10,8 @@ The public face, imported lazily so that the workflow can read the grid without 
 
 The parts: ``methods/`` (one file per method plus the registry), ``uses`` (how a step uses
 neighbours), ``sources`` (where neighbours come from), ``optim`` (optimisers, schedules),
-``data`` (what a run reads), ``checkpoint`` (resume and outputs).
+``data`` (what a run reads), ``checkpoint`` (resume and outputs), ``distributed`` (training
+over several processes: ``train.processes``, ``train.nodes``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from pipeline.train.params import TrainParams
 log = logging.getLogger("pipeline.train")
 
 HISTORY_COLUMNS = ["epoch", "loss", "lr", "tau", "neighbour_use", "neighbour_purity", "spread",
-                   "images_per_s", "seconds"]
+                   "knn_top1", "images_per_s", "seconds"]
 
 
 def _write_history(rows: list[dict], path: Path) -> None:
@@ -56,8 +57,11 @@ def write_outputs(final: dict, state: Path, out: Path, history: Path, loss_plot:
 
     rows = final["history"]
     _write_history(rows, history)
+    knn = [r.get("knn_top1", "") for r in rows]
     loss_curves({"loss": [r["loss"] for r in rows]}, loss_plot,
-                title=f"{title}, seed {final['seed']}")
+                title=f"{title}, seed {final['seed']}",
+                accuracy=[math.nan if v == "" else v for v in knn]
+                if any(v != "" for v in knn) else None)
     _link_or_copy(state, out)
 
 

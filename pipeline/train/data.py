@@ -21,7 +21,7 @@ from pipeline.io import (
     locate,
 )
 from pipeline.train.encoder import encoder_header
-from pipeline.train.grid import METHOD_USES, Run, check_support_queue
+from pipeline.train.grid import METHOD_USES, Run, check_support_queue, check_world
 from pipeline.train.optim import OPTIMIZERS
 from pipeline.train.params import TrainParams
 from pipeline.train.sources import check_queue, filter_table
@@ -106,8 +106,14 @@ def check_params(params: TrainParams, run: Run) -> None:
     check_fields(params)
 
 
-def load_run(params: TrainParams, run: Run, seed: int, data: Path,
-             neighbours: Path | None) -> RunData:
+def check_run(params: TrainParams, run: Run, data: Path,
+              neighbours: Path | None) -> tuple[Prepared, str]:
+    """Every check that needs only the params and the prepared set's shape (no image is
+    read), so that :func:`pipeline.train.train` runs them before it starts any process.
+
+    Returns:
+        The training view of the prepared set and the resolved backbone.
+    """
     check_params(params, run)
     train = load_prepared(data).view(*TRAINING_SPLITS)  # images read only when indexed
     n = len(train.images)
@@ -115,9 +121,10 @@ def load_run(params: TrainParams, run: Run, seed: int, data: Path,
         raise PipelineError(f"{data}: training needs at least 2 training images, got {n}")
     _, size, width, _ = train.images.shape
     backbone = resolve_backbone(params.backbone, min(size, width))
-    nb_table, title = None, run.name
+    batch = min(params.batch_size, n)
+    check_world(batch, params.processes, params.nodes)
     if run.method == "nnclr":
-        check_support_queue(params.nnclr.queue_size, min(params.batch_size, n))
+        check_support_queue(params.nnclr.queue_size, batch)
     if run.source == "queue":
         if neighbours is not None:
             raise PipelineError("the queue source reads no neighbours file; drop --neighbours")
@@ -125,11 +132,17 @@ def load_run(params: TrainParams, run: Run, seed: int, data: Path,
             raise PipelineError("config key 'train.filter.mutual': queue neighbours change "
                                 "every step, so they have no mutual table; set it to false "
                                 "or drop queue from train.sources")
-        check_queue(params.queue, min(params.batch_size, n), n,
-                    params.topk.k if run.use == "topk" else None)
-    elif run.source:
-        if neighbours is None:
-            raise PipelineError(f"the {run.source} source needs a neighbours file (--neighbours)")
+        check_queue(params.queue, batch, n, params.topk.k if run.use == "topk" else None)
+    elif run.source and neighbours is None:
+        raise PipelineError(f"the {run.source} source needs a neighbours file (--neighbours)")
+    return train, backbone
+
+
+def load_run(params: TrainParams, run: Run, seed: int, data: Path,
+             neighbours: Path | None) -> RunData:
+    train, backbone = check_run(params, run, data, neighbours)
+    nb_table, title = None, run.name
+    if run.source and run.source != "queue":
         nb_table, nb_dist, nb_meta = read_neighbours(neighbours, train.ids)
         if run.use == "topk" and params.topk.k - 1 > nb_table.shape[1]:
             raise PipelineError(f"config key 'train.topk.k': {params.topk.k} needs "

@@ -27,7 +27,7 @@ METHOD_USES: dict[str, tuple[str, ...]] = {
 SOURCES = ("latent", "refresh", "queue")
 # Keys that choose which runs exist, never what one computes.
 GRID_KEYS = ("methods", "uses", "seeds", "sources", "refresh_rounds")
-RUNTIME_KEYS = ("checkpoint_every", "device_memory_share")
+RUNTIME_KEYS = ("checkpoint_every", "device_memory_share", "knn_monitor", "tensorboard")
 NEIGHBOUR_KEYS = ("filter", "neighbour_warmup_epochs", "queue")
 VIEWS = ("view1", "view2")
 
@@ -109,6 +109,7 @@ def check_grid(config: dict) -> None:
                 f"config key {key!r}: [] is empty, but train.uses asks for {wanted}, which "
                 "need neighbours; list at least one, set train.sources: [queue], or set "
                 "train.uses: [baseline]")
+    check_world(t["batch_size"], t["processes"], t["nodes"])
     k, mined = t["topk"]["k"], config["neighbours"]["k"]
     if "topk" in wanted and "latent" in t["sources"] and k - 1 > mined:
         raise PipelineError(f"config key 'train.topk.k': {k} needs {k - 1} neighbours per "
@@ -127,6 +128,17 @@ def check_grid(config: dict) -> None:
         if config["nnclr"]["k"] > config["nnclr"]["queue_size"]:
             raise PipelineError(f"config key 'nnclr.k': {config['nnclr']['k']} is larger than "
                                 f"nnclr.queue_size ({config['nnclr']['queue_size']})")
+
+
+def check_world(batch: int, processes: int, nodes: int) -> None:
+    """The global batch must split into equal shards, one per process."""
+    world = processes * nodes
+    if batch % world:
+        raise PipelineError(
+            f"config key 'train.batch_size': batches of {batch} images do not split into "
+            f"{world} equal shards (train.processes {processes} x train.nodes {nodes}); every "
+            "process trains on batch_size / (processes x nodes) rows of each batch: choose a "
+            f"multiple of {world}")
 
 
 def check_support_queue(queue_size: int, batch: int) -> None:
@@ -150,6 +162,8 @@ def train_params(config: dict, run: Run) -> dict[str, Any]:
         skip |= set(NEIGHBOUR_KEYS)
     elif run.source != "queue":
         skip.add("queue")
+    if run.method != "nnclr" and run.source != "queue":
+        skip.add("queue_scope")  # only queues have a scope
     shared = {k: v for k, v in t.items() if k not in skip}
     views = {v: {**t.get("augment", {}), **t.get(v, {})} for v in VIEWS}
     own = {run.use: t[run.use]} if run.use != "baseline" else {}

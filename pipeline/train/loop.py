@@ -24,10 +24,12 @@ from pipeline.augment import normalise
 from pipeline.feed import StreamedImages, feed
 from pipeline.io import provenance, save_checkpoint
 from pipeline.train.checkpoint import matching_state, write_outputs
-from pipeline.train.data import RunData, load_run
+from pipeline.train.data import RunData, check_run, load_run
+from pipeline.train.distributed import World, launch, sync_batchnorm
 from pipeline.train.encoder import init_encoder
 from pipeline.train.grid import Run
 from pipeline.train.methods import build_method
+from pipeline.train.monitor import KnnMonitor, Scalars
 from pipeline.train.optim import lr_at, make_optimizer
 from pipeline.train.params import TrainParams
 from pipeline.train.sources import QueueSource, TableSource
@@ -80,6 +82,7 @@ class _Loop:
     total: int
     warmup: int
     autocast: object
+    world: World
     step: int = 0
     precision: str = "float32"  # what the step computes in (the summary records it)
 
@@ -91,23 +94,26 @@ class _Loop:
 
 
 def _epoch(loop: _Loop, epoch: int, dev: torch.device) -> tuple[dict, dict]:
-    """Train one epoch; returns its history row and the epoch's generator states."""
-    p, n, model = loop.params, len(loop.labels), loop.model
+    """Train one epoch; returns its history row (of the global batch, on every process) and
+    the epoch's generator states."""
+    p, n, model, world = loop.params, len(loop.labels), loop.model, loop.world
     t0 = time.time()
     g_perm = _stream(loop.seed, epoch, 0)
     g = Streams(_stream(loop.seed, epoch, 1), _stream(loop.seed, epoch, 3),
                 _stream(loop.seed, epoch, 2))
     perm = torch.randperm(n, generator=g_perm).to(dev)
     make_batch = USES[loop.run.use].make_batch
+    queue = loop.views.neighbours if isinstance(loop.views.neighbours, QueueSource) else None
+    own = world.shard(loop.batch).rows  # this process's rows of every global batch
     sums = torch.zeros(5, device=dev)  # loss, spread, neighbour use, same label, labelled
     lr = 0.0
     streamed = isinstance(loop.views.images, StreamedImages)
     if streamed:
-        loop.views.images.prefetch(perm[:loop.batch])
+        loop.views.images.prefetch(perm[:loop.batch][own])
     for i in range(loop.steps_per_epoch):
-        idx = perm[i * loop.batch:(i + 1) * loop.batch]
+        idx = perm[i * loop.batch:(i + 1) * loop.batch][own]
         if streamed and i + 1 < loop.steps_per_epoch:  # read the next anchors meanwhile
-            loop.views.images.prefetch(perm[(i + 1) * loop.batch:(i + 2) * loop.batch])
+            loop.views.images.prefetch(perm[(i + 1) * loop.batch:(i + 2) * loop.batch][own])
         lr = lr_at(loop.step, loop.total, loop.warmup, p.lr)
         for group in loop.optimizer.param_groups:
             group["lr"] = lr
@@ -118,21 +124,27 @@ def _epoch(loop: _Loop, epoch: int, dev: torch.device) -> tuple[dict, dict]:
             out = model.loss(b.v1, b.v2, idx, g.nb, **extra)
         loop.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        world.average_gradients(model.trainable().parameters())
         loop.optimizer.step()
         model.after_step(out, idx, loop.step, loop.total)
-        if loop.views.neighbours is not None:
-            loop.views.neighbours.observe(idx, out.z1)
+        if queue is not None:  # queries of the whole global batch; the queue per scope
+            queue.observe(world.gather(idx), world.gather(out.z1),
+                          slice(None) if world.queue_scope == "gathered" else own)
         loop.step += 1
         pairs = b.pairs if out.pairs is None else out.pairs
         with torch.no_grad():
             sums[0] += out.loss.detach()
-            sums[1] += F.normalize(out.h1.float(), dim=-1).std(0).mean()
+            sums[1] += F.normalize(world.gather(out.h1).float(), dim=-1).std(0).mean()
             sums[2] += b.neighbour_use if out.pairs is None else out.neighbour_use
             if pairs is not None:
                 a, nb = loop.labels[pairs[0]], loop.labels[pairs[1]]
                 known = (a >= 0) & (nb >= 0)
                 sums[3] += (known & (a == nb)).sum()
                 sums[4] += known.sum()
+    # Each process's loss and neighbour use are means over equal shards, the spread is of
+    # the gathered batch: means over the processes; the label counts add up.
+    world.sum(sums)
+    sums[:3] /= world.size
     loss_sum, spread_sum, use_sum, same, labelled = sums.tolist()
     mean_loss = loss_sum / loop.steps_per_epoch
     if not math.isfinite(mean_loss):
@@ -160,9 +172,10 @@ def _epoch_line(row: dict, epochs: int, elapsed: float, done: int) -> str:
     """One log line per epoch: loss, lr, throughput and the time left at this pace."""
     left = round(elapsed / max(done, 1) * (epochs - row["epoch"]))
     eta = f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
-    purity = row["neighbour_purity"]
+    purity, knn = row["neighbour_purity"], row.get("knn_top1", "")
     return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} lr {row['lr']:.3g} "
             + (f"purity {purity:.3f} " if purity != "" else "")
+            + (f"kNN {knn:.3f} " if knn != "" else "")
             + f"{row['images_per_s']:.0f} img/s ETA {eta}")
 
 
@@ -188,7 +201,8 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-def _source(run: Run, data: RunData, params: TrainParams, dev: torch.device, ck: dict):
+def _source(run: Run, data: RunData, params: TrainParams, dev: torch.device, ck: dict,
+            world: World):
     """The run's neighbour source, chosen by name: an offline table or the queue."""
     if data.nb_table is not None:
         return TableSource(torch.from_numpy(data.nb_table).to(dev))
@@ -197,8 +211,20 @@ def _source(run: Run, data: RunData, params: TrainParams, dev: torch.device, ck:
                              params.filter.quantile, dev)
         if ck:
             source.load_state_dict(ck["queue"])
+            if world.size > 1:
+                source.load_state_dict(ck["ranks"][world.rank]["queue"])
         return source
     return None
+
+
+def _rank_state(model: nn.Module, source) -> dict:
+    """What differs between the training processes, for a faithful resume: the buffers
+    (BatchNorm statistics of each process's shard, NNCLR's queue) and the queue source's
+    queue (``train.queue_scope: rank``)."""
+    state = {"buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}}
+    if isinstance(source, QueueSource):
+        state["queue"] = source.queue_state()
+    return state
 
 
 def train(
@@ -207,6 +233,9 @@ def train(
     on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Train one encoder with ``run``'s method, use and source, and save it to ``out``.
+
+    With ``train.processes`` x ``train.nodes`` above 1, every process trains on its shard of
+    each global batch (:mod:`pipeline.train.distributed`) and the first writes the files.
 
     Args:
         params: stage params (shared keys plus the run's use and method sections).
@@ -222,26 +251,44 @@ def train(
         loss_plot: PNG of the loss curve.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         on_epoch: called after every epoch with its number (from 1) and the encoder,
-            outside the timed epoch (benchmarks probe accuracy during training with it).
+            outside the timed epoch (benchmarks probe accuracy during training with it); in
+            the first process only (picklable, when this process spawns the others).
     """
+    setup_logging()
+    check_run(params, run, data, neighbours)  # bad input fails here, before any process starts
+    launch(_train, (params, run, seed, Path(data), neighbours, Path(out), Path(state),
+                    Path(history), Path(loss_plot), on_epoch),
+           params.processes, params.nodes, params.queue_scope, device)
+
+
+def _train(params: TrainParams, run: Run, seed: int, data: Path, neighbours: Path | None,
+           out: Path, state: Path, history: Path, loss_plot: Path,
+           on_epoch: Callable[[int, nn.Module], None] | None, device: str,
+           world: World) -> None:
+    """:func:`train` in one training process, on ``device``, as process ``world.rank``."""
     from pipeline.device import LAYOUT, describe, resolve_device
 
     setup_logging()
-    out, state, history, loss_plot = Path(out), Path(state), Path(history), Path(loss_plot)
+    if not world.main:  # one log of the run: the first process's
+        log.setLevel(logging.WARNING)
     rd = load_run(params, run, seed, data, neighbours)
     dev = resolve_device(device)
     ck = matching_state(state, params, run, seed, rd.fingerprint, rd.code)
     if "encoder" in ck:
         log.info("training already finished (%s, epoch %d/%d): writing the outputs only; "
                  "delete it to train again", state, ck["epoch"], params.epochs)
-        write_outputs(ck, state, out, history, loss_plot, rd.title)
+        if world.main:
+            write_outputs(ck, state, out, history, loss_plot, rd.title)
+        world.barrier()
         return
 
     images_np, header = rd.train.images, rd.header
     n, size, _, channels = images_np.shape
     encoder = init_encoder(header["backbone"], seed, channels, size)
     model = build_method(run.method, encoder, params.proj_hidden, params.proj_dim,
-                         getattr(params, run.method))
+                         getattr(params, run.method), world)
+    if params.sync_batchnorm and world.size > 1:
+        model = sync_batchnorm(model, dev)
     cuda = dev.type == "cuda"
     model.to(dev, memory_format=LAYOUT)
     optimizer = make_optimizer(params.optimizer, model.trainable(), params.lr,
@@ -254,6 +301,10 @@ def train(
     start_epoch, rows = 0, []
     if ck:
         model.load_state_dict(ck["model"])
+        if world.size > 1:
+            own = ck["ranks"][world.rank]["buffers"]
+            for name, buffer in model.named_buffers():
+                buffer.copy_(own[name])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, rows = ck["epoch"], list(ck["history"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -261,14 +312,16 @@ def train(
 
     # The training set lives on the device as uint8 NHWC and batches are gathered by index,
     # or, above train.device_memory_share of its memory, batches are streamed from disk.
+    # Processes on one CPU share its memory, each holding its own copy.
     mean_t, std_t = header["mean"].to(dev), header["std"].to(dev)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return normalise(x, mean_t, std_t).contiguous(memory_format=LAYOUT)
 
-    source = _source(run, rd, params, dev, ck)
-    views = Views(feed(images_np, params.device_memory_share, dev), source, params.view1,
-                  params.view2, prepare)
+    share = params.device_memory_share / (1 if cuda else params.processes)
+    source = _source(run, rd, params, dev, ck, world)
+    views = Views(feed(images_np, share, dev), source, params.view1, params.view2, prepare,
+                  world.shard(batch))
     if params.compile:
         if cuda:
             model.encoder.forward = torch.compile(model.encoder.forward)
@@ -278,31 +331,49 @@ def train(
     loop = _Loop(params, run, seed, model, optimizer, views,
                  torch.from_numpy(rd.train.labels).to(dev), batch, steps_per_epoch,
                  steps_per_epoch * params.epochs, steps_per_epoch * params.warmup_epochs,
-                 autocast_for(params.precision, dev), step=ck.get("step", 0),
+                 autocast_for(params.precision, dev), world, step=ck.get("step", 0),
                  precision=str(step_dtype(params.precision, dev)).removeprefix("torch."))
 
-    log.info("%s seed %d: %s on %s, %d images %dx%dx%d, %d epochs x %d steps of %d",
+    log.info("%s seed %d: %s on %s, %d images %dx%dx%d, %d epochs x %d steps of %d%s",
              run.name, seed, header["backbone"], describe(dev), n, size, size, channels,
-             params.epochs, steps_per_epoch, batch)
+             params.epochs, steps_per_epoch, batch,
+             f" ({world.size} processes x {batch // world.size})" if world.size > 1 else "")
+    # The per-epoch kNN monitor on held labelled training images, and TensorBoard scalars:
+    # the first process's, outside the timed epoch; neither changes a weight.
+    monitor = (KnnMonitor(images_np, rd.train.labels, seed, params.knn_monitor)
+               if world.main else None)
+    scalars = Scalars(history.parent / "tensorboard" if params.tensorboard and world.main
+                      else None, start=start_epoch + 1)
     model.train()
     started = time.time()
     for epoch in range(start_epoch, params.epochs):
         row, rng = _epoch(loop, epoch, dev)
+        if monitor is not None:
+            accuracy = monitor(model.encoder, dev, prepare)
+            row["knn_top1"] = "" if accuracy is None else round(accuracy, 4)
         rows.append(row)
+        scalars.write(row)
         log.info(_epoch_line(row, params.epochs, time.time() - started, epoch + 1 - start_epoch))
-        if on_epoch is not None:
+        if on_epoch is not None and world.main:
             on_epoch(epoch + 1, model.encoder)
         if (epoch + 1) % params.checkpoint_every == 0 and epoch + 1 < params.epochs:
             if cuda:
                 rng["cuda"] = torch.cuda.get_rng_state(dev)
-            save_checkpoint({"params": asdict(params), "run": run.name, "seed": seed,
-                             "data": rd.fingerprint, "code": rd.code, "epoch": epoch + 1,
-                             "step": loop.step, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "rng": rng, "history": rows,
-                             "provenance": provenance(),
-                             **({"queue": source.state_dict()}
-                                if isinstance(source, QueueSource) else {})}, state)
-    _finish(loop, rows, rd, describe(dev), state, out, history, loss_plot)
+            ranks = world.gather_objects(_rank_state(model, source)) if world.size > 1 else []
+            if world.main:
+                save_checkpoint({"params": asdict(params), "run": run.name, "seed": seed,
+                                 "data": rd.fingerprint, "code": rd.code, "epoch": epoch + 1,
+                                 "step": loop.step, "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "rng": rng,
+                                 "history": rows, "provenance": provenance(),
+                                 **({"queue": source.state_dict()}
+                                    if isinstance(source, QueueSource) else {}),
+                                 **({"ranks": ranks} if ranks else {})}, state)
+            world.barrier()
+    scalars.close()
+    if world.main:
+        _finish(loop, rows, rd, describe(dev), state, out, history, loss_plot)
+    world.barrier()
 
 
 def _finish(loop: _Loop, rows: list[dict], rd: RunData, device: str, state: Path, out: Path,
@@ -322,6 +393,8 @@ def _finish(loop: _Loop, rows: list[dict], rd: RunData, device: str, state: Path
         "neighbour_use": final["neighbour_use"], "images_per_s": final["images_per_s"],
         "optimizer": p.optimizer, "batch_size": loop.batch, "precision": loop.precision,
         "feed": "streamed" if isinstance(loop.views.images, StreamedImages) else "resident",
+        "code_version": provenance()["code_version"],  # the training's, on its table row
+        "processes": loop.world.size,
     }
     if loop.batch < p.batch_size:
         summary["notes"] = (f"train.batch_size {p.batch_size} clamped to the {loop.batch} "

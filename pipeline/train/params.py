@@ -60,6 +60,13 @@ class TrainParams:
     compile: bool = False
     precision: str = "auto"
     device_memory_share: float = 0.5
+    # Data-parallel training (pipeline.train.distributed).
+    processes: int = 1
+    nodes: int = 1
+    queue_scope: str = "gathered"
+    sync_batchnorm: bool = False
+    knn_monitor: int = 1000
+    tensorboard: bool = False
     # BYOL's asymmetric views (Grill et al. 2020): blur always on view 1; rarely blur,
     # sometimes solarise view 2. Every method trains on the same views.
     view1: AugmentParams = field(

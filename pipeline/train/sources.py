@@ -1,9 +1,9 @@
 """Neighbour sources (a registry): where each training step's neighbours come from.
 
-A source answers ``lookup(idx)``, a (B, k) table of training rows nearest first, and sees
-every step's target projections through ``observe``. Rows that a filter rejected, or that a
-source cannot answer yet, hold the anchor itself: a self pair, which every use treats as
-the method's baseline (AdaSim's fallback when the space is poor).
+A source answers ``lookup(idx)``, a (B, k) table of training rows nearest first; the queue
+also sees every step's target projections through ``observe``. Rows that a filter rejected,
+or that a source cannot answer yet, hold the anchor itself: a self pair, which every use
+treats as the method's baseline (AdaSim's fallback when the space is poor).
 
 * ``latent``: offline, a table mined once in a latent space (auto-decoder, AE or VAE).
 * ``refresh``: offline, a table mined in the features of the previous round's encoder
@@ -74,9 +74,6 @@ class TableSource:
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         return self.table[idx]
 
-    def observe(self, idx: torch.Tensor, z: torch.Tensor) -> None:
-        """A fixed table learns nothing from training."""
-
 
 class QueueSource:
     """Online neighbours from a queue of the target projections of previous steps.
@@ -109,11 +106,15 @@ class QueueSource:
             keep &= top_sim >= torch.quantile(top_sim[keep], 1.0 - self.quantile)
         return torch.where(keep, self.rows[top], idx[:, None])
 
-    def observe(self, idx: torch.Tensor, z: torch.Tensor) -> None:
-        """Store a step's target projections (B, D) of images ``idx``: bank and queue."""
+    def observe(self, idx: torch.Tensor, z: torch.Tensor, queued: slice = slice(None)) -> None:
+        """Store a step's target projections (B, D) of images ``idx``: all in the bank, the
+        rows ``queued`` in the queue (with several training processes, ``idx`` and ``z`` are
+        the global batch's, and ``queued`` this process's own rows under
+        ``train.queue_scope: rank``: the queries stay global, the candidates its own)."""
         z = F.normalize(z.float(), dim=-1)
         self.bank[idx] = z
         self.seen[idx] = True
+        z, idx = z[queued], idx[queued]
         pos = (self.ptr + torch.arange(len(idx), device=idx.device)) % len(self.rows)
         self.z[pos] = z
         self.rows[pos] = idx
@@ -121,12 +122,18 @@ class QueueSource:
 
     def state_dict(self) -> dict:
         """What a resumed run needs to find the same neighbours (tensors on the CPU)."""
-        return {"bank": self.bank.cpu(), "seen": self.seen.cpu(), "z": self.z.cpu(),
-                "rows": self.rows.cpu(), "ptr": self.ptr}
+        return {"bank": self.bank.cpu(), "seen": self.seen.cpu(), **self.queue_state()}
+
+    def queue_state(self) -> dict:
+        """The queue alone (its part of :meth:`state_dict`; one per process under
+        ``train.queue_scope: rank``)."""
+        return {"z": self.z.cpu(), "rows": self.rows.cpu(), "ptr": self.ptr}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict` or :meth:`queue_state`."""
         for name in ("bank", "seen", "z", "rows"):
-            getattr(self, name).copy_(state[name])
+            if name in state:
+                getattr(self, name).copy_(state[name])
         self.ptr = int(state["ptr"])
 
 

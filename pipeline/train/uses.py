@@ -1,6 +1,7 @@
 """Neighbour uses: how a training step uses an image's neighbours (a registry).
 
-A use turns a batch of anchor indices into a :class:`Batch`: the two views the method sees,
+A use turns a batch of anchor indices (with several training processes, this process's
+rows of the global batch: :class:`Views`) into a :class:`Batch`: the two views the method sees,
 and optionally neighbour views whose target projections enter each view's target with fixed
 weights (BYOL only). Adding a use is one entry in :data:`USES` plus its keys in the schema
 (``train.uses``' enum and a ``train.<name>`` section) and the methods that take it in
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.augment import AugmentParams, augment, rand, to_float
+from pipeline.augment import AugmentParams, Shard, augment, rand, to_float
 from pipeline.train.sources import QueueSource, TableSource
 
 
@@ -52,26 +53,37 @@ class Streams:
 
 class Views:
     """Shared inputs of every use's view builder: the images, the neighbour source
-    (:mod:`pipeline.train.sources`; a bare (N, k) table is an offline one) and each view's
-    augmentation (view 1 and view 2 may differ, as in BYOL)."""
+    (:mod:`pipeline.train.sources`; a bare (N, k) table is an offline one), each view's
+    augmentation (view 1 and view 2 may differ, as in BYOL) and, with several training
+    processes, this process's ``shard`` of the global batch: a use then gets this process's
+    rows of the batch, and every per-sample draw is made for the whole batch and its rows
+    kept (:class:`pipeline.augment.Shard`), so the rows are those a single process builds."""
 
     def __init__(self, images: torch.Tensor, neighbours: TableSource | QueueSource
                  | torch.Tensor | None, aug1: AugmentParams, aug2: AugmentParams,
-                 prepare: Callable[[torch.Tensor], torch.Tensor]):
+                 prepare: Callable[[torch.Tensor], torch.Tensor], shard: Shard | None = None):
         if isinstance(neighbours, torch.Tensor):
             neighbours = TableSource(neighbours)
         self.images, self.neighbours, self.prepare = images, neighbours, prepare
         self.aug = {1: aug1, 2: aug2}
+        self.shard = shard
 
     def view(self, idx: torch.Tensor, g: torch.Generator, which: int) -> torch.Tensor:
         """View ``which`` (1 or 2) of images ``idx``: (B,) -> (B, C, H, W), normalised."""
-        return self.prepare(augment(to_float(self.images[idx]), self.aug[which], g))
+        return self.prepare(augment(to_float(self.images[idx]), self.aug[which], g, self.shard))
+
+    def rand(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One uniform per row of ``idx``: (B,) on ``idx``'s device."""
+        return rand(len(idx), g, idx.device, self.shard)
 
     def pick_neighbour(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One of each anchor's k neighbours, uniformly and independently per sample."""
-        choice = torch.randint(self.neighbours.k, (len(idx),), generator=g,
-                               device=g.device).to(idx.device)
-        return self.neighbours.lookup(idx)[torch.arange(len(idx), device=idx.device), choice]
+        total = len(idx) if self.shard is None else self.shard.total
+        choice = torch.randint(self.neighbours.k, (total,), generator=g, device=g.device)
+        if self.shard is not None:
+            choice = choice[self.shard.rows]
+        rows = torch.arange(len(idx), device=idx.device)
+        return self.neighbours.lookup(idx)[rows, choice.to(idx.device)]
 
 
 def _real(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +100,7 @@ def _baseline(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -
 def _probabilistic(v: Views, idx: torch.Tensor, g: Streams, p: Any, s: float = 1.0) -> Batch:
     """Per sample, with probability p (times the warm-up ramp s), the second view shows a
     random neighbour instead."""
-    coin = rand(len(idx), g.nb, idx.device) < p.probabilistic.p_neighbour * s
+    coin = v.rand(idx, g.nb) < p.probabilistic.p_neighbour * s
     other = torch.where(coin, v.pick_neighbour(idx, g.nb), idx)
     return Batch(v.view(idx, g.v1, 1), v.view(other, g.v2, 2),
                  neighbour_use=(other != idx).float().mean(), pairs=_real(idx, other))

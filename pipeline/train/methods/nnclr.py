@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import PipelineError
+from pipeline.train.distributed import ALONE, World
 from pipeline.train.grid import check_support_queue as check_queue  # noqa: F401 - one home
 from pipeline.train.methods.heads import MLP, StepOut
 from pipeline.train.methods.simclr import check_temperature, nt_xent
@@ -26,10 +27,14 @@ class NNCLR(nn.Module):
         temperature: NT-Xent temperature (``nnclr.temperature``).
         queue_size: Q, projections kept (``nnclr.queue_size``).
         k: the positive is drawn uniformly among the k nearest entries (``nnclr.k``).
+        world: the training processes: every anchor is scored against the predictions of
+            all, and the queue takes the projections of all or of this process only
+            (``train.queue_scope``).
     """
 
     def __init__(self, encoder: nn.Module, proj_hidden: int, proj_dim: int,
-                 temperature: float = 0.2, queue_size: int = 4096, k: int = 1):
+                 temperature: float = 0.2, queue_size: int = 4096, k: int = 1,
+                 world: World = ALONE):
         super().__init__()
         check_temperature("nnclr.temperature", temperature)
         if queue_size < 1:
@@ -45,6 +50,7 @@ class NNCLR(nn.Module):
         self.predictor = MLP(proj_dim, proj_hidden, proj_dim)
         self.temperature = temperature
         self.k = k
+        self.world = world
         self.register_buffer("queue", torch.zeros(queue_size, proj_dim))
         self.register_buffer("queue_rows", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -58,7 +64,8 @@ class NNCLR(nn.Module):
 
         Args:
             z: (B, P) projections.
-            g: CPU generator for the pick among the k nearest (drawn only when k > 1).
+            g: CPU generator for the pick among the k nearest (drawn only when k > 1, for
+                every row of the global batch).
 
         Returns:
             ``(nn, rows)``: (B, P) float32 unit vectors, the chosen entry or ``unit(z)``
@@ -74,7 +81,8 @@ class NNCLR(nn.Module):
             if self.k > 1:
                 # Uniform among the filled ones of the k nearest (fewer than k while the queue
                 # fills): the largest of k random keys, empty slots keyed below any draw.
-                keys = torch.rand(len(z), self.k, generator=g).to(z.device)
+                own = self.world.shard(len(z) * self.world.size)
+                keys = torch.rand(own.total, self.k, generator=g)[own.rows].to(z.device)
                 pick = keys.masked_fill(top_sim.isinf(), -1.0).argmax(1, keepdim=True)
             choice = top.gather(1, pick)[:, 0]
             hit = torch.isfinite(top_sim.gather(1, pick)[:, 0])
@@ -101,7 +109,8 @@ class NNCLR(nn.Module):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         n1, rows = self.nearest(z1, g)
         n2, _ = self.nearest(z2, g)
-        loss = 0.5 * (nt_xent(n1, p2, self.temperature) + nt_xent(n2, p1, self.temperature))
+        t, world = self.temperature, self.world
+        loss = 0.5 * (nt_xent(n1, p2, t, world) + nt_xent(n2, p1, t, world))
         # The positive may be the anchor's own earlier projection (as in the paper); the log
         # counts only other images, as every neighbour use's does.
         idx = idx.to(rows.device)
@@ -111,10 +120,11 @@ class NNCLR(nn.Module):
 
     @torch.no_grad()
     def after_step(self, out: StepOut, idx: torch.Tensor, step: int = 0, total: int = 1) -> None:
-        """Enqueue the step's view-1 projections (unit vectors) with their rows, FIFO."""
-        z = F.normalize(out.z1.float(), dim=-1)
+        """Enqueue the step's view-1 projections (unit vectors) with their rows, FIFO: the
+        global batch's, or this process's own (``train.queue_scope``)."""
+        z = self.world.queued(F.normalize(out.z1.float(), dim=-1))
         q = len(self.queue_rows)
-        idx = idx.to(self.queue_rows.device)
+        idx = self.world.queued(idx.to(self.queue_rows.device))
         # A batch larger than the queue writes only its last Q rows, where enqueuing one at a
         # time would leave them: repeated slots in one indexed write land in undefined order.
         n = len(idx)
