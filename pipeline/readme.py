@@ -38,13 +38,12 @@ def excerpt(summary: pd.DataFrame, source: str, rows: int = ROWS) -> str:
     smallest-k weighted kNN), with the verdict line and where the numbers come from."""
     if summary.empty:
         raise PipelineError(f"{source} has no rows")
-    knn = next((c[:-5] for c in knn_columns([c[:-5] for c in summary.columns
-                                              if c.endswith("_mean")])
-                if c.endswith("_top1")), None)
+    means = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean")]
+    knn = next((c for c in knn_columns(means) if c.endswith("_top1")), None)
     picked = _pick(summary, rows)
     head = ["configuration", "seeds", "linear top-1", "Δ vs baseline [95 % CI]"]
     if knn:
-        label = knn.replace("_top1", "").replace("knn", "kNN (k=") + ") top-1"
+        label = f"kNN (k={knn.removeprefix('knn').removesuffix('_top1')}) top-1"
         head += [label, "Δ kNN [95 % CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in picked.iterrows():
