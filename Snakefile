@@ -15,6 +15,10 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+# Seconds of bookkeeping run where snakemake runs, never waiting in a cluster's queue.
+localrules: check_data, purity, untrained, evaluate_latent, aggregate, figures, combine
+
+
 rule all:
     input:
         "results/linear_eval.csv",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pipeline import PipelineError
 
+PREPARED = "the prepared folder (results/<tag>/prepared)"  # the --data of most stages
+
 
 def _params(cls, text: str):
     from pipeline.schema import build
@@ -128,6 +130,16 @@ def _config_docs(a):
     write_config_docs(a.out)
 
 
+def _readme_table(a):
+    from pipeline.readme import update_readme
+
+    current = update_readme(a.summary, a.readme, a.keep, check=a.check)
+    if a.check and not current:
+        raise PipelineError(f"{a.readme}'s results table differs from {a.summary}; run "
+                            f"python -m pipeline readme-table {a.summary}")
+    print(f"{a.readme}: results table {'current' if current else 'rewritten'}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS")
@@ -142,7 +154,8 @@ def parser() -> argparse.ArgumentParser:
                            help="settings that do not change results (chunk size, checkpoint "
                                 "interval), as one JSON object merged into --params")
         if device:
-            s.add_argument("--device", default="auto")
+            s.add_argument("--device", default="auto",
+                           help="auto (CUDA when present), cpu or cuda[:N]")
         return s
 
     s = stage("experiment-dir", _experiment_dir)
@@ -152,34 +165,54 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True,
                    help="the configuration reference to write (docs/configuration.md)")
 
+    s = stage("readme-table", _readme_table)
+    s.add_argument("summary", type=Path, help="the run's summary.csv (results/digits/summary.csv)")
+    s.add_argument("--readme", type=Path, default=Path("README.md"),
+                   help="the file whose results block to rewrite")
+    s.add_argument("--keep", type=Path, default=Path("docs/results/digits-summary.csv"),
+                   help="where to keep the summary the table came from (named in the table)")
+    s.add_argument("--check", action="store_true",
+                   help="only compare: exit 2 when the table differs from the summary")
+
     s = stage("prepare", _prepare, params=True)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True,
+                   help="the prepared folder to write (images.npy, meta.parquet)")
 
     s = stage("check-data", _check_data)
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--data", type=Path, required=True, help=PREPARED)
+    s.add_argument("--out", type=Path, required=True,
+                   help="the marker JSON written when the checks pass (data_checked.json)")
     s.add_argument("--k", type=int, default=None, help="neighbours.k, when neighbours are mined")
     s.add_argument("--queue-size", type=int, default=None,
                    help="train.queue.queue_size, when the queue source is used")
 
     s = stage("train-latent", _train_latent, params=True, device=True)
-    s.add_argument("--model", required=True)
-    for name in ("data", "out", "curve", "loss-plot", "recon-plot"):
-        s.add_argument(f"--{name}", type=Path, required=True)
+    s.add_argument("--model", required=True, help="the latent model: autodecoder, ae or vae")
+    for name, text in (("data", PREPARED), ("out", "the model checkpoint to write (model.pt)"),
+                       ("curve", "the per-epoch loss table to write (loss.csv)"),
+                       ("loss-plot", "the loss curve PNG to write"),
+                       ("recon-plot", "the PNG of images and reconstructions to write")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
 
     s = stage("export-latents", _export_latents, device=True)
-    for name in ("checkpoint", "data", "out"):
-        s.add_argument(f"--{name}", type=Path, required=True)
-    s.add_argument("--dataset", required=True)
+    for name, text in (("checkpoint", "a latent model's model.pt"), ("data", PREPARED),
+                       ("out", "the latents.parquet to write: one latent vector per image")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
+    s.add_argument("--dataset", required=True,
+                   help="the experiment's tag (results/<tag>), recorded in the metadata")
 
     s = stage("neighbours", _neighbours, params=True, device=True)
-    s.add_argument("--metric", required=True)
-    for name in ("source", "data", "out", "grid"):
-        s.add_argument(f"--{name}", type=Path, required=True)
+    s.add_argument("--metric", required=True, help="euclidean or cosine")
+    for name, text in (("source", "the vectors to search: a latents.parquet, an encoder's "
+                                  "features.parquet, or the prepared folder (raw pixels)"),
+                       ("data", PREPARED),
+                       ("out", "the neighbours.parquet to write: k per training image"),
+                       ("grid", "the PNG of example images and their neighbours to write")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
 
     s = stage("purity", _purity)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("inputs", nargs="+", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="the purity.csv to write")
+    s.add_argument("inputs", nargs="+", type=Path, help="neighbours.parquet files")
 
     s = stage("train", _train, params=True, device=True)
     s.add_argument("--method", required=True, help="a key of pipeline.train.methods.METHODS")
@@ -189,23 +222,30 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", default="", help="latent model whose space was mined")
     s.add_argument("--metric", default="", help="the neighbours' metric")
     s.add_argument("--round", type=int, default=1, help="refresh round (1 = latent)")
-    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True,
+                   help="fixes initialisation, batch order, augmentations, neighbour draws")
     s.add_argument("--neighbours", type=Path, default=None,
                    help="neighbours.parquet of the latent or refresh source")
-    for name in ("data", "out", "state", "history", "loss-plot"):
-        s.add_argument(f"--{name}", type=Path, required=True)
+    for name, text in (("data", PREPARED), ("out", "the encoder.pt to write"),
+                       ("state", "the resumable checkpoint (state.pt), resumed from when it "
+                                 "matches"),
+                       ("history", "the per-epoch history.csv to write"),
+                       ("loss-plot", "the loss curve PNG to write")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
 
     s = stage("untrained", _untrained)
     s.add_argument("--backbone", required=True, help="train.backbone (auto: by image side)")
-    s.add_argument("--seed", type=int, required=True)
-    for name in ("data", "out"):
-        s.add_argument(f"--{name}", type=Path, required=True)
+    s.add_argument("--seed", type=int, required=True, help="the initialisation's seed")
+    for name, text in (("data", PREPARED), ("out", "the encoder.pt to write")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
 
     s = stage("embed", _embed, device=True)
-    s.add_argument("--run", required=True)
-    s.add_argument("--dataset", required=True)
-    for name in ("encoder", "data", "out"):
-        s.add_argument(f"--{name}", type=Path, required=True)
+    s.add_argument("--run", required=True, help="the run's name, recorded as the model")
+    s.add_argument("--dataset", required=True,
+                   help="the experiment's tag (results/<tag>), recorded in the metadata")
+    for name, text in (("encoder", "an encoder.pt"), ("data", PREPARED),
+                       ("out", "the features.parquet to write (latents.parquet schema)")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
 
     s = stage("embed-images", _embed_images)
     s.description = ("Features of your own image files with any encoder.pt, written to Parquet "
@@ -227,20 +267,27 @@ def parser() -> argparse.ArgumentParser:
                         "group; bounds memory (default: pipeline.io.CHUNK, 4096)")
 
     s = stage("evaluate", _evaluate, params=True, device=True)
-    s.add_argument("--run", required=True)
-    s.add_argument("--dataset", required=True)
-    s.add_argument("--seed", type=int, default=None)
-    for name in ("source", "data", "out"):
-        s.add_argument(f"--{name}", type=Path, required=True)
+    s.add_argument("--run", required=True,
+                   help="the row's run name: pixels, latent-vae, byol-baseline, ...")
+    s.add_argument("--dataset", required=True, help="the experiment's tag, the dataset column")
+    s.add_argument("--seed", type=int, default=None,
+                   help="the run's seed (a column; the probe's random_state)")
+    for name, text in (("source", "what to evaluate: the prepared folder (raw pixels), a "
+                                  "latents.parquet or an encoder.pt"), ("data", PREPARED),
+                       ("out", "the metrics JSON to write")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
 
     s = stage("aggregate", _aggregate)
     s.add_argument("--out", type=Path, required=True, help="the experiment's results table")
     s.add_argument("--purity", type=Path, default=None, help="neighbours purity table")
     s.add_argument("--data", type=Path, default=None,
                    help="the prepared folder, for the image counts")
-    for name in ("summary", "table-html", "summary-html", "overview"):
-        s.add_argument(f"--{name}", type=Path, default=None)
-    s.add_argument("inputs", nargs="+", type=Path)
+    for name, text in (("summary", "the summary.csv to write: each configuration over seeds"),
+                       ("table-html", "the results table's HTML page to write"),
+                       ("summary-html", "the summary's HTML page to write"),
+                       ("overview", "the report's data-set overview (RST) to write")):
+        s.add_argument(f"--{name}", type=Path, default=None, help=text)
+    s.add_argument("inputs", nargs="+", type=Path, help="metrics JSON files, one per row")
 
     s = stage("combine", _combine)
     s.add_argument("--current", type=Path, required=True, help="this experiment's table")
@@ -248,12 +295,26 @@ def parser() -> argparse.ArgumentParser:
                    help="table of every experiment: --current plus each <out dir>/*/<name>")
 
     s = stage("figures", _figures)
-    for name in ("summary", "data", "accuracy", "paired", "purity", "curves", "per-class",
-                 "embeddings"):
-        s.add_argument(f"--{name}", type=Path, required=True)
-    s.add_argument("--evals", nargs="+", type=Path, required=True)
-    s.add_argument("--histories", nargs="*", type=Path, default=[])
+    for name, text in (("summary", "aggregate's summary.csv"), ("data", PREPARED),
+                       ("accuracy", "PNG to write: accuracy per representation"),
+                       ("paired", "PNG to write: paired differences to the baselines"),
+                       ("purity", "PNG to write: accuracy against neighbour purity"),
+                       ("curves", "PNG to write: the training histories"),
+                       ("per-class", "PNG to write: per-class accuracy"),
+                       ("embeddings", "PNG to write: test images in 2-D (PCA)")):
+        s.add_argument(f"--{name}", type=Path, required=True, help=text)
+    s.add_argument("--evals", nargs="+", type=Path, required=True,
+                   help="metrics JSON files (evaluate's)")
+    s.add_argument("--histories", nargs="*", type=Path, default=[],
+                   help="history.csv files of the trained runs")
     return p
+
+
+def stage_parser(name: str) -> argparse.ArgumentParser:
+    """One stage's parser (its options, help and function), for the ``nnbyol`` command to
+    take as a parent, so that both commands accept the same options."""
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,6 +190,16 @@ GRID_KEYS = {"neighbours": ("metrics", "pixels"),
              "evaluate": ("untrained",)}
 
 
+# Site settings (the cluster: section) choose what a job asks the scheduler for, never what it
+# computes: no stage's params hold them, and neither does the experiment's fingerprint.
+SITE_KEYS = ("cluster",)
+
+
+def without_site_keys(config: dict) -> dict:
+    """The config without its site settings (``SITE_KEYS``): what fingerprints an experiment."""
+    return {k: v for k, v in config.items() if k not in SITE_KEYS}
+
+
 def runtime_params(config: dict, stage: str) -> dict[str, Any]:
     """A stage's runtime-only settings (see ``RUNTIME_KEYS``), passed to the CLI apart."""
     return {k: config[stage][k] for k in RUNTIME_KEYS[stage] if k in config[stage]}

@@ -185,11 +185,13 @@ def test_baseline_only_grid_needs_no_latent_space():
 def test_runtime_switches_stay_out_of_stage_params():
     cfg = resolve_config({})
     for run in runs(cfg):
-        assert not {"checkpoint_every", "device_memory_share", "methods", "uses", "seeds",
-                    "sources", "refresh_rounds"} & set(train_params(cfg, run)), run.name
+        assert not {"checkpoint_every", "device_memory_share", "knn_monitor", "tensorboard",
+                    "methods", "uses", "seeds", "sources", "refresh_rounds"} & set(
+            train_params(cfg, run)), run.name
     assert "chunk_size" not in neighbours_params(cfg)
     assert "untrained" not in evaluate_params(cfg)
-    assert runtime_params(cfg, "train") == {"checkpoint_every": 5, "device_memory_share": 0.5}
+    assert runtime_params(cfg, "train") == {"checkpoint_every": 5, "device_memory_share": 0.5,
+                                            "knn_monitor": 1000, "tensorboard": False}
     assert runtime_params(cfg, "latent") == {"on_collapse": "error", "device_memory_share": 0.5}
     assert runtime_params(cfg, "neighbours") == {"chunk_size": 16384}
 

@@ -15,7 +15,6 @@ import time
 
 import pandas as pd
 import pytest
-import yaml
 from conftest import ROOT, SNAKEMAKE, Workflow, tiny_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -30,6 +29,9 @@ GRID = {"latent": {"models": ["vae"]}, "neighbours": {"metrics": ["cosine"]},
 # may differ between a local run and a SLURM job.
 KEYS = ["dataset", "run", "stage", "method", "variant", "source", "latent", "metric", "round",
         "seed"]
+# Rules that run where snakemake runs (the Snakefile's localrules), never through sbatch.
+LOCAL = {"check_data", "purity", "untrained", "evaluate_latent", "aggregate", "figures",
+         "combine"}
 NUMBERS = ["top1", "knn5_top1", "knn200_top1", "purity_at_1", "purity_at_k", "feature_dim",
            "epochs", "n_train", "n_test"]
 
@@ -80,23 +82,22 @@ def test_script_makes_one_idle_node_with_default_debug_partition(slurm_cluster):
 
 def test_tiny_dag_on_slurm_matches_local_run(tmp_path, slurm_cluster):
     config = tiny_config(**GRID)
-    for name in ("local", "slurm", "profile"):
+    for name in ("local", "slurm"):
         (tmp_path / name).mkdir()
     local = Workflow(tmp_path / "local", config)
     t0 = time.perf_counter()
     local.run()
     local_s = time.perf_counter() - t0
 
-    # The project's slurm profile, with this cluster's partition added and no account.
-    prof = yaml.safe_load(PROFILE.read_text())
-    prof["default-resources"] = {**prof["default-resources"], "slurm_partition": "debug"}
-    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(prof))
-
-    remote = Workflow(tmp_path / "slurm", config)
+    # The project's slurm profile as it is; the site's keys in the config: this cluster's
+    # partition for CPU jobs, and a GPU partition it lacks (no job may ask for it: on
+    # device cpu no job requests a GPU).
+    site = {"cpu_partition": "debug", "gpu_partition": "no-such-gpu-partition"}
+    remote = Workflow(tmp_path / "slurm", {**config, "cluster": site})
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [SNAKEMAKE, "--workflow-profile", str(tmp_path / "profile"),
+            [SNAKEMAKE, "--workflow-profile", str(PROFILE.parent),
              # Poll squeue every few seconds: the tiny jobs take seconds, not hours.
              "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
              "--latency-wait", "10", "--retries", "0"],
@@ -112,16 +113,28 @@ def test_tiny_dag_on_slurm_matches_local_run(tmp_path, slurm_cluster):
     assert proc.returncode == 0, text[-6000:]
     print(f"local run {local_s:.1f} s, SLURM run {slurm_s:.1f} s")
 
-    # Every job but the local ones (the target `all` and the seconds-long data checks) went
-    # through sbatch and left a SLURM log.
+    # Every job but the local ones (the target `all`, the data checks and the bookkeeping)
+    # went through sbatch and left a SLURM log.
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
     planned = re.search(r"^total\s+(\d+)$", text, flags=re.M)
-    local_jobs = len(re.findall(r"^localrule (\w+):$", text, flags=re.M))
-    assert local_jobs == 2  # all, check_data
-    assert planned and len(submitted) == int(planned.group(1)) - local_jobs
+    local_jobs = re.findall(r"^localrule (\w+):$", text, flags=re.M)
+    assert set(local_jobs) == {"all", *LOCAL}
+    assert planned and len(submitted) == int(planned.group(1)) - len(local_jobs)
     logs = list((remote.path / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert {p.stem for p in logs} == set(submitted)
     assert any("rule_train" in p.parts for p in logs)
+    # What SLURM granted each job (finished jobs stay visible for MinJobAge = 600 s): the
+    # CPU partition, no GPU, and never a bookkeeping rule.
+    for jobid in submitted:
+        job = subprocess.run(["scontrol", "--oneliner", "show", "job", jobid],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        rule = re.search(r"Comment=rule_([a-z_]+?)(?:_wildcards_\S*)?\s", job).group(1)
+        assert rule not in LOCAL and "Partition=debug " in job, job
+        tres = re.findall(r"\b(?:TRES|Tres\w*|Gres\w*)=(\S*)", job)
+        assert tres and "gpu" not in " ".join(tres).lower(), job
+    # The site's keys never re-run anything: without them the finished DAG stays finished.
+    remote.write_config(config)
+    assert "Nothing to be done" in remote.run("--dry-run").stdout
 
     ours = pd.read_csv(remote.path / "results" / "linear_eval.csv")
     theirs = pd.read_csv(local.path / "results" / "linear_eval.csv")

@@ -1,11 +1,16 @@
 # Config validation and helpers shared by every rule file. Rules only wire files; the
 # helpers here build paths, flat stage params and the experiment grid.
 
+import errno
+import math
 import os
+import re
 import shlex
 import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, workflow.basedir)
 
@@ -21,6 +26,7 @@ from pipeline.config import (
     prepare_params,
     resolve_config,
     runtime_params,
+    without_site_keys,
 )
 from pipeline.experiments import (
     check_owner,
@@ -30,6 +36,7 @@ from pipeline.experiments import (
     report_path,
 )
 from pipeline.prepare import PrepareParams, check_source
+from pipeline.threads import host_gpus, slurm_cpus
 from pipeline.train.grid import runs as grid_runs, train_params
 
 
@@ -48,7 +55,7 @@ try:
     R = f"results/{DS}"
     if workflow.is_main_process:
         # Before any job: another config's folder is refused, a report shows this config's.
-        check_owner(R, _CONFIG_FILE, _checked)
+        check_owner(R, _CONFIG_FILE, without_site_keys(_checked))
         _REPORT = report_path(sys.argv)
         if _REPORT is not None:
             check_report(_REPORT, R, _CONFIG_FILE, f"{R}/linear_eval.csv")
@@ -63,7 +70,7 @@ config.update(_checked)
 onstart:
     # Only a run that starts jobs claims the folder (never a dry run or a report).
     if workflow.is_main_process:
-        record_owner(R, _CONFIG_FILE, config)
+        record_owner(R, _CONFIG_FILE, without_site_keys(config))
 
 
 LOGS = f"{R}/logs"
@@ -84,9 +91,190 @@ DEVICE = config["device"]
 # GPU stages ask for one GPU unless the config pins the CPU; under `auto` only when this
 # host shows one (set device: cuda to request GPUs from a cluster with CPU-only login nodes).
 GPU = 0 if DEVICE == "cpu" else int(DEVICE.startswith("cuda") or bool(shutil.which("nvidia-smi")))
-# Threads of a training job. Small CPU nets scale poorly across threads, so on a small machine
-# several single-threaded jobs beat one wide job; torch and FAISS honour this number.
-HEAVY = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+# ---- What each job asks the scheduler for (docs/cluster.md) ------------------------------
+# The cluster.* keys say it; they feed resources only, never a stage's params or results.
+CLUSTER = config["cluster"]
+# A cluster executor needs --jobs, which Snakemake keeps as `nodes` (a local run turns it into
+# --cores); a job running on a node (slurm-jobstep) is not the main process.
+ON_CLUSTER = workflow.nodes is not None or not workflow.is_main_process
+
+
+def _host_threads():
+    """Threads of a heavy CPU job: inside a SLURM job its own grant (what the submitting side
+    asked for, so both sides agree), else half this host's cores, at most 4. Small CPU nets
+    scale poorly across threads, so on a small machine several single-threaded jobs beat one
+    wide job; torch and FAISS honour this number."""
+    if not workflow.is_main_process and slurm_cpus():
+        return slurm_cpus()
+    return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
+
+
+HEAVY = CLUSTER["cpus_per_task"] or _host_threads()
+
+
+def heavy_threads(gpus):
+    """Threads of a heavy stage: cluster.cpus_per_gpu per GPU it uses, else HEAVY."""
+    return CLUSTER["cpus_per_gpu"] * gpus if gpus else HEAVY
+
+
+if workflow.is_main_process and ON_CLUSTER and DEVICE == "auto":
+    # `auto` would decide GPU or not on the login node, and again, differently, on each node.
+    print("error: config key 'device': auto decides from the submitting host whether jobs "
+          "get GPUs; on a cluster set device: cuda (the GPU stages ask for GPUs) or cpu",
+          file=sys.stderr)
+    sys.exit(1)
+if workflow.is_main_process and not ON_CLUSTER:
+    # A local run checks the GPUs it asks for against this host, before any job: jobs would
+    # otherwise share cuda:0 or wait for slots that never free (pipeline.device.claim_devices).
+    _gpus_here = host_gpus()
+    _limit = workflow.global_resources.get("gpu")
+    _limit = None if _limit is None else _limit.value
+    _problem = None
+    if isinstance(_limit, int) and _limit > max(1, _gpus_here):
+        _problem = (f"--resources gpu={_limit}: this host has {_gpus_here} GPU(s) (nvidia-smi -L);"
+                    f" run at most {max(1, _gpus_here)} GPU job(s) at once (--resources gpu="
+                    f"{max(1, _gpus_here)})")
+    elif DEVICE.startswith("cuda") and _gpus_here == 0:
+        _problem = (f"config key 'device': {DEVICE}, but this host has no GPU (nvidia-smi -L "
+                    "lists none); use device auto or cpu here, or submit to a cluster "
+                    "(--workflow-profile profiles/slurm)")
+    if _problem:
+        print(f"error: {_problem}", file=sys.stderr)
+        sys.exit(1)
+
+
+def site(gpus):
+    """Partition, account and GPU type of a job with ``gpus`` GPUs: the GPU partition only
+    for a job that asks for a GPU, the CPU partition for every other (cluster.* keys)."""
+    keys = {
+        "slurm_partition": CLUSTER["gpu_partition"] if gpus else CLUSTER["cpu_partition"],
+        "slurm_account": (CLUSTER["gpu_account"] or CLUSTER["account"]) if gpus
+        else CLUSTER["account"],
+        "gpu_model": CLUSTER["gpu_model"] if gpus else None,
+    }
+    return {k: v for k, v in keys.items() if v}
+
+
+# Throughput each stage is assumed to reach, in images per second of 32x32x3 bytes, per GPU
+# and per CPU thread; the host memory it needs beside the data (MB), and how many copies of
+# the prepared images it holds. Deliberately low guesses (the CPU ones from
+# docs/BENCHMARKS.md, the GPU ones not measured here): a time limit too short kills a job, one
+# too long only waits a little longer in the queue. cluster.runtime / cluster.mem_mb replace
+# an estimate per rule (the refresh rounds' mining is `neighbours` here, as its rule is).
+COST = {
+    "train": dict(gpu=500, cpu=20, base_mb=3000, copies=2),
+    "train_latent": dict(gpu=2000, cpu=80, base_mb=3000, copies=2),
+    "export_latents": dict(gpu=5000, cpu=200, base_mb=3000, copies=2),
+    "embed": dict(gpu=5000, cpu=200, base_mb=3000, copies=2),
+    "evaluate_train": dict(gpu=2000, cpu=100, base_mb=3000, copies=3),
+    # brute-force search: the passes below grow with the set (n / 10,000)
+    "neighbours": dict(gpu=20000, cpu=200, base_mb=3000, copies=3),
+    # the probe standardises raw pixels as floats (8 bytes each, fit and copy)
+    "evaluate_pixels": dict(gpu=0, cpu=500, base_mb=2000, copies=16),
+}
+_RULE_NAMES = set()
+for _smk in Path(workflow.basedir, "workflow", "rules").glob("*.smk"):
+    for _names in re.findall(r"^(?:rule\s+(\w+)\s*:|use\s+rule\s+\w+\s+as\s+(\w+)\s+with\s*:)",
+                             _smk.read_text(), flags=re.M):
+        _RULE_NAMES.update(n for n in _names if n)
+for _key in ("runtime", "mem_mb"):
+    _unknown = sorted(set(CLUSTER[_key]) - _RULE_NAMES)
+    if _unknown:
+        print(f"error: config key 'cluster.{_key}': {', '.join(map(repr, _unknown))} is not "
+              f"a rule here; the rules are {', '.join(sorted(_RULE_NAMES))}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _prepared(input):
+    """(images, bytes per image) of a job's prepared set, from images.npy's header."""
+    path = Path(input.data) / "images.npy"
+    if not path.is_file():
+        # Not prepared yet: Snakemake shows <TBD> and asks again once `prepare` has run.
+        raise FileNotFoundError(errno.ENOENT, "not prepared yet", str(input.data))
+    images = np.load(path, mmap_mode="r")
+    return images.shape[0], images.itemsize * math.prod(images.shape[1:])
+
+
+def _passes(name, images):
+    if name == "train":
+        return config["train"]["epochs"]
+    if name == "train_latent":
+        return config["latent"]["epochs"]
+    if name.startswith("neighbours"):
+        return max(1.0, images / 10_000)
+    return 1
+
+
+def minutes(name, gpus=0, processes=1):
+    """A rule's time limit (minutes) as a resource function: the prepared set's images x
+    epochs at the rule's assumed throughput, plus 5 minutes to start, times
+    cluster.safety_factor, times the attempt."""
+
+    def runtime(wildcards, input, threads, attempt):
+        if name in CLUSTER["runtime"]:
+            return CLUSTER["runtime"][name] * attempt
+        images, size = _prepared(input)
+        cost = COST[name]
+        rate = cost["gpu"] * gpus * processes if gpus else cost["cpu"] * threads * processes
+        seconds = images * size / 3072 * _passes(name, images) / rate
+        return math.ceil(CLUSTER["safety_factor"] * (5 + seconds / 60)) * attempt
+
+    return runtime
+
+
+def memory(name, processes=1):
+    """A rule's memory (MB per node) as a resource function: the rule's base plus its copies
+    of the prepared images, per process on the node, times cluster.safety_factor, times the
+    attempt."""
+
+    def mem_mb(wildcards, input, attempt):
+        if name in CLUSTER["mem_mb"]:
+            return CLUSTER["mem_mb"][name] * attempt
+        images, size = _prepared(input)
+        cost = COST[name]
+        mb = processes * (cost["base_mb"] + cost["copies"] * images * size / 1e6)
+        return math.ceil(CLUSTER["safety_factor"] * mb) * attempt
+
+    return mem_mb
+
+
+def fixed(name, key, value):
+    """A rule's constant request (cluster.runtime / cluster.mem_mb may replace it), times the
+    attempt."""
+
+    def request(wildcards, attempt):
+        return CLUSTER[key].get(name, value) * attempt
+
+    return request
+
+
+# Several training processes per run (train.processes on each of train.nodes hosts): under
+# SLURM one task per process, a GPU each, started by srun inside the job (the ranks read
+# SLURM_PROCID and SLURM_LOCALID, pipeline.train.distributed); locally one process spawns them.
+PROCESSES = config["train"].get("processes", 1)
+NODES = config["train"].get("nodes", 1)
+TASKS = PROCESSES * NODES
+TRAIN_GPUS = GPU * TASKS
+# Threads are per SLURM task on a cluster; locally the job's processes share one host.
+TRAIN_THREADS = heavy_threads(GPU) * (PROCESSES if not ON_CLUSTER else 1)
+
+
+def train_tasks():
+    """The SLURM task layout of a multi-process run: `mpi` makes the executor run the job's
+    command as is (its srun starts the tasks), `tasks_per_gpu` keeps --ntasks-per-gpu at 1."""
+    if TASKS == 1:
+        return {}
+    return {"tasks": TASKS, "nodes": NODES, "mpi": "srun", **({"tasks_per_gpu": 1} if GPU else {})}
+
+
+def train_launch(wildcards, input, threads):
+    """`srun` starting a multi-process run's tasks inside its SLURM job; nothing elsewhere
+    (a plain process spawns its own, pipeline.train.distributed.launch)."""
+    if TASKS == 1 or workflow.is_main_process or "SLURM_JOB_ID" not in os.environ:
+        return ""
+    return f"srun --nodes={NODES} --ntasks={TASKS} --cpus-per-task={threads} --kill-on-bad-exit=1"
 
 LATENTS = config["latent"]["models"]
 METRICS = config["neighbours"]["metrics"]

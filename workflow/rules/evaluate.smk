@@ -15,8 +15,9 @@ rule evaluate_pixels:
         f"{LOGS}/evaluate/pixels.log",
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=memory("evaluate_pixels"),
+        runtime=minutes("evaluate_pixels"),
+        **site(0),
     shell:
         "python -m pipeline --threads {threads} evaluate --params {params.cfg:q} --run pixels"
         " --dataset {params.dataset} --source {input.data} --data {input.data} --out {output} > {log} 2>&1"
@@ -67,16 +68,27 @@ rule evaluate_train:
         f"{LOGS}/evaluate/{{run}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: HEAVY
+    threads: heavy_threads(GPU)
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=memory("evaluate_train"),
+        runtime=minutes("evaluate_train", GPU),
         gpu=GPU,
+        **site(GPU),
     shell:
         "python -m pipeline --threads {threads} evaluate --params {params.cfg:q}"
         " --run {wildcards.run} --seed {wildcards.seed} --dataset {params.dataset}"
         " --device {params.device} --source {input.source} --data {input.data}"
         " --out {output} > {log} 2>&1"
+
+
+from pipeline.experiments import write_config_rst
+
+# The report's landing page shows the configuration of the experiment it reports: the tag
+# used, the keys that differ from the schema defaults, the whole config collapsed. Written
+# while `snakemake --report` reads this very config (never from another run's settings);
+# workflow/report/workflow.rst includes it.
+if workflow.is_main_process and report_path(sys.argv) is not None:
+    write_config_rst(f"{R}/config.rst", config, DS)
 
 
 rule aggregate:
@@ -140,7 +152,7 @@ rule figures:
                       labels={"page": "1. accuracy versus neighbour purity"}),
         per_class=report(f"{R}/per_class.png", caption="../report/per_class.rst",
                          category="Results", subcategory="Why: purity, classes, embeddings",
-                         labels={"page": "2. per-class accuracy, best against baseline"}),
+                         labels={"page": "2. per-class accuracy against the baseline"}),
         embeddings=report(f"{R}/embeddings.png", caption="../report/embeddings.rst",
                           category="Results", subcategory="Why: purity, classes, embeddings",
                           labels={"page": "3. test images in 2-D (PCA), coloured by label"}),

@@ -29,11 +29,12 @@ rule train_latent:
         f"{R}/benchmarks/train_latent/{{model}}.tsv"
     conda:
         ENV
-    threads: HEAVY
+    threads: heavy_threads(GPU)
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=memory("train_latent"),
+        runtime=minutes("train_latent", GPU),
         gpu=GPU,
+        **site(GPU),
     shell:
         "python -m pipeline --threads {threads} train-latent --model {wildcards.model}"
         " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"
@@ -57,11 +58,12 @@ rule export_latents:
         f"{LOGS}/export_latents/{{model}}.log",
     conda:
         ENV
-    threads: HEAVY
+    threads: heavy_threads(GPU)
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=memory("export_latents"),
+        runtime=minutes("export_latents", GPU),
         gpu=GPU,
+        **site(GPU),
     shell:
         "python -m pipeline --threads {threads} export-latents --checkpoint {input.model}"
         " --data {input.data} --out {output} --dataset {params.dataset}"

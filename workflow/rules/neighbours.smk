@@ -24,11 +24,12 @@ rule neighbours:
         f"{R}/benchmarks/neighbours/{{space}}-{{metric}}.tsv"
     conda:
         ENV
-    threads: HEAVY
+    threads: heavy_threads(GPU)
     resources:
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=memory("neighbours"),
+        runtime=minutes("neighbours", GPU),
         gpu=GPU,
+        **site(GPU),
     shell:
         "python -m pipeline --threads {threads} neighbours --metric {params.metric}"
         " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"

@@ -12,8 +12,9 @@ rule prepare:
         f"{LOGS}/prepare.log",
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=fixed("prepare", "mem_mb", 8000),
+        runtime=fixed("prepare", "runtime", 60),
+        **site(0),
     shell:
         "python -m pipeline --threads {threads} prepare --params {params.cfg:q} --out {output} > {log} 2>&1"
 

@@ -31,19 +31,22 @@ rule train:
         run=train_args,
         device=DEVICE,
         state=f"{R}/train/{{run}}/seed{{seed}}/state.pt",
+        launch=train_launch,
     log:
         f"{LOGS}/train/{{run}}-seed{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/train/{{run}}-seed{{seed}}.tsv"
     conda:
         ENV
-    threads: HEAVY
+    threads: TRAIN_THREADS
     resources:
-        mem_mb=16000,
-        runtime=720,
-        gpu=GPU,
+        mem_mb=memory("train", PROCESSES),
+        runtime=minutes("train", GPU, TASKS),
+        gpu=TRAIN_GPUS,
+        **site(GPU),
+        **train_tasks(),
     shell:
-        "python -m pipeline --threads {threads} train {params.run} --seed {wildcards.seed}"
+        "{params.launch} python -m pipeline --threads {threads} train {params.run} --seed {wildcards.seed}"
         " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"
         " --data {input.data} --out {output.encoder} --state {params.state}"
         " --history {output.history} --loss-plot {output.loss_plot} > {log} 2>&1"
@@ -90,11 +93,12 @@ rule embed:
         f"{LOGS}/embed/{{name}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: HEAVY
+    threads: heavy_threads(GPU)
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=memory("embed"),
+        runtime=minutes("embed", GPU),
         gpu=GPU,
+        **site(GPU),
     shell:
         "python -m pipeline --threads {threads} embed --run {wildcards.name}"
         " --dataset {params.dataset} --device {params.device} --encoder {input.encoder}"
