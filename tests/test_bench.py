@@ -325,3 +325,14 @@ def test_bench_ddp_smoke(capsys):
     estimates = [line for line in out if line.startswith("ESTIMATE nnclr: 8 ")]
     assert len(estimates) == 3 and all(line.endswith("ms per step in communication")
                                        for line in estimates)
+
+
+def test_verify_gpu_smoke_on_the_cpu(capsys):
+    """The GPU verification script's code path, on the CPU with two gloo processes."""
+    assert _load("verify_gpu").main(["--device", "cpu", "--images", "64", "--size", "8",
+                                     "--epochs", "2", "--batch-size", "16",
+                                     "--backbone", "smallconv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("PASS 1 CPU process ") for line in out) == 2
+    two = [line for line in out if line.startswith("PASS 2 CPU processes ")]
+    assert len(two) == 2 and all("largest weight difference" in line for line in two)
