@@ -141,8 +141,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     through the gathered statistics. The parameters and buffers are BatchNorm's, so the
     state dict loads into the plain network."""
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects (N, C, ...) input, got {x.dim()}D")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training:  # evaluation (the kNN monitor): the running statistics
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         xf = x.float()
