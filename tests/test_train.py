@@ -3,6 +3,7 @@ the shared loop, encoder export, the registries, and bad-input errors."""
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -844,3 +845,18 @@ def test_tensorboard_scalars_read_back_per_epoch(tmp_path, data):
         assert [e.step for e in logged] == [int(r["epoch"]) for r in rows]
         assert [e.value for e in logged] == pytest.approx([float(r[key]) for r in rows],
                                                           rel=1e-6)
+
+
+def test_a_resnet_on_the_cpu_warns_with_the_expected_rate_and_changes_nothing(
+        tmp_path, data, capsys, monkeypatch):
+    """backbone resnet18_cifar on the CPU: one warning line before training with the
+    images/s to expect and the hours; the probe runs on a copy (same weights as without)."""
+    out = run(tmp_path, data, "resnet", backbone="resnet18_cifar", epochs=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "trains at about" in line]
+    assert len(lines) == 1
+    assert re.search(r"resnet18_cifar on the CPU trains at about \d+ images/s here: this "
+                     r"run's 80 images x epochs would take about [\d.]+ h\. On a CPU set "
+                     r"train.backbone: smallconv", lines[0])
+    monkeypatch.setattr(loop, "_warn_slow_backbone", lambda *a: None)
+    again = run(tmp_path, data, "resnet-quiet", backbone="resnet18_cifar", epochs=2)
+    assert same_weights(weights(out), weights(again))

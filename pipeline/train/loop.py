@@ -334,6 +334,9 @@ def _train(params: TrainParams, run: Run, seed: int, data: Path, neighbours: Pat
                  autocast_for(params.precision, dev), world, step=ck.get("step", 0),
                  precision=str(step_dtype(params.precision, dev)).removeprefix("torch."))
 
+    if dev.type == "cpu" and header["backbone"] != "smallconv" and world.main:
+        _warn_slow_backbone(model.encoder, header["backbone"], channels, size,
+                            n * (params.epochs - start_epoch))
     log.info("%s seed %d: %s on %s, %d images %dx%dx%d, %d epochs x %d steps of %d%s",
              run.name, seed, header["backbone"], describe(dev), n, size, size, channels,
              params.epochs, steps_per_epoch, batch,
@@ -374,6 +377,32 @@ def _train(params: TrainParams, run: Run, seed: int, data: Path, neighbours: Pat
     if world.main:
         _finish(loop, rows, rd, describe(dev), state, out, history, loss_plot)
     world.barrier()
+
+
+# A training step per image costs about this many encoder forward-and-backward passes of one
+# image: two views through the online network (forward and backward) and the target's
+# forward passes (BYOL; the contrastive methods do a little less).
+STEP_PASSES = 2.5
+
+
+def _warn_slow_backbone(encoder: nn.Module, backbone: str, channels: int, size: int,
+                        images: int) -> None:
+    """Before a ResNet trains on the CPU: one line with the images/s to expect (timed on a
+    copy of the encoder, so no weight, statistic or random stream changes) and the time the
+    run would take, and the CPU alternative."""
+    import copy
+
+    probe = copy.deepcopy(encoder).train()
+    x = torch.zeros(8, channels, size, size).contiguous(memory_format=torch.channels_last)
+    probe(x).sum().backward()  # the first pass pays for allocation
+    started = time.perf_counter()
+    probe(x).sum().backward()
+    rate = len(x) / (time.perf_counter() - started) / STEP_PASSES
+    hours = images / rate / 3600
+    log.warning("WARNING: %s on the CPU trains at about %.0f images/s here: this run's %d "
+                "images x epochs would take about %.1f h. On a CPU set train.backbone: "
+                "smallconv (tens to hundreds of times faster); the ResNets are for GPUs",
+                backbone, rate, images, hours)
 
 
 def _finish(loop: _Loop, rows: list[dict], rd: RunData, device: str, state: Path, out: Path,
