@@ -10,15 +10,13 @@ from pipeline.evaluate import (
     EvaluateParams,
     accuracies,
     evaluate,
-    knn_scores,
     linear_probe,
     sklearn_probe,
-    topk_correct,
     torch_probe,
-    weighted_knn_scores,
 )
 from pipeline.features import PixelMatrix, gather, pixel_features, select
 from pipeline.io import read_json
+from pipeline.knn import knn_scores, topk_correct, weighted_knn_scores
 from pipeline.prepare import PrepareParams, prepare
 from pipeline.train.grid import Run
 

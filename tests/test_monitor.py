@@ -8,8 +8,8 @@ from torch import nn
 
 from pipeline.augment import normalise
 from pipeline.device import LAYOUT
-from pipeline.evaluate import topk_correct, weighted_knn_scores
 from pipeline.io import TRAINING_SPLITS, load_prepared
+from pipeline.knn import topk_correct, weighted_knn_scores
 from pipeline.prepare import PrepareParams, SyntheticParams, prepare
 from pipeline.train.encoder import encode_images, load_encoder, write_untrained
 from pipeline.train.monitor import KnnMonitor, Scalars, held_rows

@@ -508,8 +508,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, data,
     assert same_weights(weights(straight), weights(resumed))
     assert state.samefile(resumed)  # the finished state is kept, as the encoder's hard link
     hist = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
-    assert hist[0] == ("epoch,loss,lr,tau,neighbour_use,neighbour_purity,spread,images_per_s,"
-                       "seconds")
+    assert hist[0] == ("epoch,loss,lr,tau,neighbour_use,neighbour_purity,spread,knn_top1,"
+                       "images_per_s,seconds")
     assert len(hist) == 4 and (tmp_path / "resumed" / "loss.png").stat().st_size > 0
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from pipeline import PipelineError
 from pipeline.augment import to_float
-from pipeline.evaluate import topk_correct, weighted_knn_scores
 from pipeline.io import RowView
+from pipeline.knn import topk_correct, weighted_knn_scores
 
 
 def held_rows(labels: np.ndarray, seed: int, queries: int, bank: int) -> tuple[np.ndarray,
@@ -54,7 +54,7 @@ class KnnMonitor:
     """Weighted kNN top-1 of held training queries against a held training bank, per epoch.
 
     Built once per run; each call encodes the held images (eval mode, no gradients, in
-    batches) and scores them with :func:`pipeline.evaluate.weighted_knn_scores` (cosine
+    batches) and scores them with :func:`pipeline.knn.weighted_knn_scores` (cosine
     similarity, votes ``exp(sim / temperature)``), the evaluation protocol's kNN on a small,
     fixed sample: a cheap, label-using curve of what the representation has learnt. It
     draws no random numbers and changes no weight or buffer, so training is the same with
