@@ -92,8 +92,16 @@ def _embed_images(a):
 def _evaluate(a):
     from pipeline.evaluate import EvaluateParams, evaluate
 
-    evaluate(_params(EvaluateParams, a.params), a.run, a.source, a.data, a.out, a.dataset,
-             a.seed, a.device)
+    # One process evaluates a run's seeds: its imports (torch, scikit-learn) cost more than
+    # probing a small set, so a job per seed would mostly start interpreters.
+    seeds = a.seed or [None] * len(a.source)
+    if not len(a.source) == len(a.out) == len(seeds):
+        raise PipelineError(f"evaluate: {len(a.source)} --source, {len(a.out)} --out and "
+                            f"{len(a.seed or [])} --seed values; give one --out (and one "
+                            f"--seed, if any) per --source")
+    params = _params(EvaluateParams, a.params)
+    for source, out, seed in zip(a.source, a.out, seeds):
+        evaluate(params, a.run, source, a.data, out, a.dataset, seed, a.device)
 
 
 def _aggregate(a):
@@ -270,12 +278,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True,
                    help="the row's run name: pixels, latent-vae, byol-baseline, ...")
     s.add_argument("--dataset", required=True, help="the experiment's tag, the dataset column")
-    s.add_argument("--seed", type=int, default=None,
-                   help="the run's seed (a column; the probe's random_state)")
-    for name, text in (("source", "what to evaluate: the prepared folder (raw pixels), a "
-                                  "latents.parquet or an encoder.pt"), ("data", PREPARED),
-                       ("out", "the metrics JSON to write")):
-        s.add_argument(f"--{name}", type=Path, required=True, help=text)
+    s.add_argument("--seed", type=int, nargs="+", default=None,
+                   help="the run's seed per --source (a column; the probe's random_state)")
+    s.add_argument("--source", type=Path, nargs="+", required=True,
+                   help="what to evaluate: the prepared folder (raw pixels), a latents.parquet "
+                        "or an encoder.pt; several (one per seed) share one process")
+    s.add_argument("--data", type=Path, required=True, help=PREPARED)
+    s.add_argument("--out", type=Path, nargs="+", required=True,
+                   help="the metrics JSON to write, one per --source")
 
     s = stage("aggregate", _aggregate)
     s.add_argument("--out", type=Path, required=True, help="the experiment's results table")

@@ -204,6 +204,8 @@ def _passes(name, images):
         return config["latent"]["epochs"]
     if name.startswith("neighbours"):
         return max(1.0, images / 10_000)
+    if name == "evaluate_train":
+        return len(SEEDS)
     return 1
 
 
@@ -428,5 +430,6 @@ def neighbours_metric(wildcards):
     return RUNS[wildcards.run].metric
 
 
-def train_encoder(wildcards):
-    return os.path.join(train_dir(wildcards.run, wildcards.seed), "encoder.pt")
+def train_encoders(wildcards):
+    """A run's encoder per seed: evaluate_train probes them in one job."""
+    return [os.path.join(train_dir(wildcards.run, s), "encoder.pt") for s in SEEDS]

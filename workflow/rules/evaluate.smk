@@ -50,22 +50,23 @@ rule evaluate_latent:
 
 
 rule evaluate_train:
-    """A frozen trained (or untrained) encoder, no projector, no augmentation: linear probe
-    and kNN."""
+    """A run's frozen trained (or untrained) encoders, one per seed, no projector, no
+    augmentation: linear probe and kNN. One job per run: its seeds share the imports."""
     input:
-        source=train_encoder,
+        sources=train_encoders,
         data=f"{R}/prepared",
         code=code_of("evaluate"),
     output:
-        os.path.join(R, "eval", "{run}", "seed{seed}.json"),
+        [os.path.join(R, "eval", "{run}", f"seed{s}.json") for s in SEEDS],
     wildcard_constraints:
         run="|".join([*RUNS, "untrained"]),
     params:
         cfg=params_of("evaluate"),
         dataset=DS,
         device=DEVICE,
+        seeds=" ".join(map(str, SEEDS)),
     log:
-        f"{LOGS}/evaluate/{{run}}-seed{{seed}}.log",
+        f"{LOGS}/evaluate/{{run}}.log",
     conda:
         ENV
     threads: heavy_threads(GPU)
@@ -76,8 +77,8 @@ rule evaluate_train:
         **site(GPU),
     shell:
         "python -m pipeline --threads {threads} evaluate --params {params.cfg:q}"
-        " --run {wildcards.run} --seed {wildcards.seed} --dataset {params.dataset}"
-        " --device {params.device} --source {input.source} --data {input.data}"
+        " --run {wildcards.run} --seed {params.seeds} --dataset {params.dataset}"
+        " --device {params.device} --source {input.sources} --data {input.data}"
         " --out {output} > {log} 2>&1"
 
 
