@@ -100,7 +100,7 @@ def _evaluate(a):
                             f"{len(a.seed or [])} --seed values; give one --out (and one "
                             f"--seed, if any) per --source")
     params = _params(EvaluateParams, a.params)
-    for source, out, seed in zip(a.source, a.out, seeds):
+    for source, out, seed in zip(a.source, a.out, seeds, strict=True):
         evaluate(params, a.run, source, a.data, out, a.dataset, seed, a.device)
 
 

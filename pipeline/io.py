@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -438,13 +441,27 @@ def code_version() -> str:
     return f"{__version__}+{sha}"
 
 
+def torch_version() -> str:
+    """``torch.__version__`` with its build tag (``2.14.1+cu130``), read from torch's
+    ``version.py`` when torch is not imported yet: importing it (1-3 s) only to record its
+    version would slow the stages that need none, such as the pixel and latent evaluations."""
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)  # TorchVersion: refused by weights_only
+    spec = importlib.util.find_spec("torch")
+    version_file = Path(spec.origin).with_name("version.py") if spec and spec.origin else None
+    if version_file is None or not version_file.is_file():
+        return importlib.metadata.version("torch")
+    loader = importlib.util.spec_from_file_location("_torch_version", version_file)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return str(module.__version__)
+
+
 def provenance() -> dict:
     """What produced an artifact: code, library versions, host."""
-    import torch
-
     return {
         "code_version": code_version(),
-        "torch": str(torch.__version__),  # TorchVersion is refused by weights_only loads
+        "torch": torch_version(),
         "python": platform.python_version(),
         "host": platform.node(),
     }

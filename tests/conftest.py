@@ -111,5 +111,19 @@ def one_thread():
 
 
 @pytest.fixture
+def encoder(tmp_path, one_thread):
+    """(encoder.pt, prepared folder): an untrained smallconv on 24 synthetic 12 px RGB images."""
+    from pipeline.prepare import PrepareParams, SyntheticParams, prepare
+    from pipeline.train.encoder import write_untrained
+
+    data = tmp_path / "prepared"
+    prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
+        classes=3, per_class=8, size=12, channels=3)), data)
+    out = tmp_path / "encoder.pt"
+    write_untrained("smallconv", 0, data, out)
+    return out, data
+
+
+@pytest.fixture
 def workflow(tmp_path) -> Workflow:
     return Workflow(tmp_path, tiny_config())

@@ -20,7 +20,7 @@ def _load(name):
 
 def test_bench_scripts_all_have_a_smoke_test():
     tested = {"bench_byol", "bench_knn", "bench_neighbours", "bench_lightly", "bench_latent",
-              "bench_revisions", "bench_scale", "bench_ddp"}
+              "bench_revisions", "bench_scale", "bench_ddp", "bench_startup"}
     assert {p.stem for p in BENCH.glob("bench_*.py")} == tested
 
 
@@ -310,6 +310,20 @@ def test_bench_scale_smoke(tmp_path, capsys):
             row[stage]["peak_rss_gib"] < 4, stage
     assert row["train_resident"]["images_per_s"] > 0 < row["train_streamed"]["images_per_s"]
     assert not (tmp_path / "n200").exists()  # removed unless --keep
+
+
+def test_bench_startup_smoke(capsys):
+    """Import figures and 2 encoders evaluated one process each and in one process."""
+    assert _load("bench_startup").main(["--repeats", "1", "--seeds", "2",
+                                        "--dataset", "synthetic"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    figures = {name: [float(wall), float(cpu)]
+               for name, wall, cpu in (line.rsplit(None, 2) for line in out[2:-1])}
+    assert set(figures) >= {"interpreter (python -c pass)", "import torch",
+                            "evaluate 2 encoders, one process each",
+                            "evaluate 2 encoders in one process"}
+    assert all(len(v) == 2 and v[0] > 0 and v[1] > 0 for v in figures.values())
+    assert out[-1].startswith("one process / one each: wall ")
 
 
 def test_bench_ddp_smoke(capsys):

@@ -17,8 +17,6 @@ from pipeline import cli
 from pipeline.__main__ import parser as stage_parser
 from pipeline.embed import embed_images, read_embeddings
 from pipeline.io import load_prepared
-from pipeline.prepare import PrepareParams, SyntheticParams, prepare
-from pipeline.train.encoder import write_untrained
 
 ENTRY = Path(sys.executable).parent / "nnbyol"
 NNBYOL = [str(ENTRY)] if ENTRY.exists() else [sys.executable, "-m", "pipeline.cli"]
@@ -133,12 +131,8 @@ def test_report_dry_run_names_the_report_in_the_experiments_folder(tiny):
     assert proc.stdout.splitlines()[-1] == f"report (not written, dry run): {html}"
 
 
-def test_embed_writes_the_features_of_an_image_folder(tmp_path, one_thread):
-    data = tmp_path / "prepared"
-    prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
-        classes=3, per_class=4, size=12, channels=3)), data)
-    encoder = tmp_path / "encoder.pt"
-    write_untrained("smallconv", 0, data, encoder)
+def test_embed_writes_the_features_of_an_image_folder(tmp_path, encoder):
+    encoder, data = encoder
     folder = tmp_path / "mine"
     folder.mkdir()
     for i, im in enumerate(load_prepared(data).images[:4]):

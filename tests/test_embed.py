@@ -14,18 +14,7 @@ from pipeline import PipelineError
 from pipeline.__main__ import main
 from pipeline.embed import embed_images, read_embeddings
 from pipeline.io import load_prepared, read_latents
-from pipeline.prepare import PrepareParams, SyntheticParams, prepare
-from pipeline.train.encoder import encode_checkpoint, encode_images, write_untrained
-
-
-@pytest.fixture
-def encoder(tmp_path, one_thread):
-    data = tmp_path / "prepared"
-    prepare(PrepareParams(name="synthetic", synthetic=SyntheticParams(
-        classes=3, per_class=8, size=12, channels=3)), data)
-    out = tmp_path / "encoder.pt"
-    write_untrained("smallconv", 0, data, out)
-    return out, data
+from pipeline.train.encoder import encode_checkpoint, encode_images
 
 
 def test_features_parquet_matches_the_evaluated_features(tmp_path, encoder):

@@ -1,10 +1,13 @@
 """Linear probe, weighted kNN, the seed summary and the combined table, against hand numbers."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import CountingImages
 
+from pipeline.__main__ import main
 from pipeline.aggregate import aggregate
 from pipeline.evaluate import (
     EvaluateParams,
@@ -495,3 +498,50 @@ def test_encoder_features_from_the_memory_map_equal_those_in_memory(tmp_path):
     ck = torch.load(tmp_path / "enc.pt", weights_only=True)
     np.testing.assert_allclose(ck["mean"].numpy(), mean, rtol=1e-6)
     np.testing.assert_allclose(ck["std"].numpy(), std, rtol=1e-6)
+
+
+def test_one_evaluate_call_writes_each_seeds_row_as_separate_calls_do(tmp_path, encoder,
+                                                                      capsys):
+    """evaluate_train probes a run's seeds in one process: each JSON equals its own call's."""
+    from pipeline.train.encoder import write_untrained
+
+    enc0, data = encoder
+    enc1 = tmp_path / "encoder1.pt"
+    write_untrained("smallconv", 1, data, enc1)
+    common = ["evaluate", "--params", '{"max_iter": 100}', "--run", "untrained",
+              "--dataset", "syn", "--device", "cpu", "--data", str(data)]
+    together = [tmp_path / "seed0.json", tmp_path / "seed1.json"]
+    assert main([*common, "--seed", "0", "1", "--source", str(enc0), str(enc1),
+                 "--out", *map(str, together)]) == 0
+    for seed, enc, path in zip((0, 1), (enc0, enc1), together, strict=True):
+        alone = tmp_path / f"alone{seed}.json"
+        assert main([*common, "--seed", str(seed), "--source", str(enc), "--out",
+                     str(alone)]) == 0
+        got, want = json.loads(path.read_text()), json.loads(alone.read_text())
+        assert got["seed"] == seed
+        for key in ("top1", "top5", "knn20_top1", "feature_dim", "per_class_top1"):
+            assert got[key] == want[key], key
+
+    # A missing --out is refused before any work, naming the counts.
+    capsys.readouterr()
+    assert main([*common, "--seed", "0", "1", "--source", str(enc0), str(enc1),
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err == (
+        "error: evaluate: 2 --source, 1 --out and 2 --seed values; give one --out (and one "
+        "--seed, if any) per --source\n")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_provenance_records_torchs_build_without_importing_torch():
+    """A pixel or latent evaluation records torch's version (with its build tag) yet never
+    pays for importing torch."""
+    import subprocess
+    import sys
+
+    import torch
+
+    code = ("import sys, json; from pipeline.io import provenance; "
+            "p = provenance(); print(json.dumps([p['torch'], 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == [str(torch.__version__), False]
