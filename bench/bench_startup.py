@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# python {sys.version.split()[0]}, {os.cpu_count()} cores, median of "
           f"{args.repeats} fresh processes; CPU = user + system seconds")
-    print(f"{'what':<52} {'wall s':>7} {'CPU s':>7}")
+    print(f"{'what':<56} {'wall s':>7} {'CPU s':>7}")
     for name, code in IMPORTS.items():
         wall, cpu = median([sys.executable, "-c", code], args.repeats)
-        print(f"{'import ' + name if code != 'pass' else name:<52} {wall:7.2f} {cpu:7.2f}",
+        print(f"{'import ' + name if code != 'pass' else name:<56} {wall:7.2f} {cpu:7.2f}",
               flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         wall_apart, cpu_apart = sum(w for w, _ in apart), sum(c for _, c in apart)
         wall_one, cpu_one = median(evaluate_cmd(sources, outs, seeds, data), args.repeats)
     n = args.seeds
-    print(f"{f'evaluate {n} encoders, one process each':<52} {wall_apart:7.2f} {cpu_apart:7.2f}")
-    print(f"{f'evaluate {n} encoders in one process':<52} {wall_one:7.2f} {cpu_one:7.2f}")
+    print(f"{f'evaluate {n} encoders, one process each':<56} {wall_apart:7.2f} {cpu_apart:7.2f}")
+    print(f"{f'evaluate {n} encoders in one process':<56} {wall_one:7.2f} {cpu_one:7.2f}")
     print(f"one process / one each: wall {wall_one / wall_apart:.2f}x, "
           f"CPU {cpu_one / cpu_apart:.2f}x")
     return 0

@@ -167,10 +167,18 @@ def t_half_width(sd: float, n: int, level: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
 
 
+# A paired interval narrower than this has no spread: every seed pair differed by the same
+# amount. Accuracies move in whole test images, so a few seeds often do (each +2 images);
+# a t interval needs a spread to judge, so such a difference is reported, never counted.
+NO_SPREAD = 1e-9
+
+
 def verdict(low: float, high: float, n: int) -> str:
     """Plain words for a paired interval of variant - baseline."""
     if n < 2 or math.isnan(low):
         return "n < 2: no interval"
+    if high - low <= NO_SPREAD and abs(low + high) / 2 > NO_SPREAD:
+        return "no spread: the same difference on every seed pair"
     if low > 0:
         return "better than baseline"
     if high < 0:
@@ -282,10 +290,30 @@ def _names(runs: list[str]) -> str:
     return runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + f" and {runs[-1]}"
 
 
+def _no_spread(compared: pd.DataFrame) -> str:
+    """The sentence naming each paired difference that was the same on every seed pair
+    (see :data:`NO_SPREAD`), or ""."""
+    items = []
+    for r in compared.to_dict("records"):
+        n = r.get("n_pairs")
+        if pd.isna(n):
+            continue
+        for c in paired_columns(compared):
+            low, high = r[f"{c}_diff_ci95_low"], r[f"{c}_diff_ci95_high"]
+            if verdict(low, high, int(n)).startswith("no spread"):
+                items.append(f"{r['run']} {_label(c)} {r[f'{c}_diff']:+.4f} on each of "
+                             f"{int(n)} seed pairs")
+    if not items:
+        return ""
+    return (" Not counted: the same difference on every seed pair, which leaves a t interval "
+            f"nothing to judge (more seeds can): {'; '.join(items)}.")
+
+
 def _verdict_one(summary: pd.DataFrame) -> str:
     compared = summary[summary["versus"].fillna("").astype(str).ne("")] if (
         "versus" in summary) else summary[:0]
     hit = compared[differs(compared)] if len(compared) else compared
+    flat = _no_spread(compared) if len(compared) else ""
     if compared.empty:
         text = "No configuration is compared with a baseline in this experiment."
     elif hit.empty:
@@ -294,7 +322,8 @@ def _verdict_one(summary: pd.DataFrame) -> str:
                 "the linear-probe and kNN top-1 contains 0 for "
                 + ("the one compared configuration" if len(compared) == 1 else
                    f"all {len(compared)} compared configurations")
-                + (f" ({single} with one seed pair and no interval)" if single else "") + ".")
+                + (f" ({single} with one seed pair and no interval)" if single else "")
+                + (", where there is an interval" if flat else "") + ".")
     else:
         items = []
         for r in hit.to_dict("records"):
@@ -308,6 +337,7 @@ def _verdict_one(summary: pd.DataFrame) -> str:
         text = (f"{len(hit)} of {len(compared)} compared configuration"
                 f"{'' if len(compared) == 1 else 's'} {verb} baseline (95 % paired interval "
                 f"excludes 0): {'; '.join(items)}.")
+    text += flat
     means = pd.to_numeric(summary["top1_mean"], errors="coerce")
     if means.notna().any():
         top = float(means.max())

@@ -169,10 +169,11 @@ def test_summary_mean_std_and_paired_difference_by_hand():
     assert np.isnan(p["top1_diff_ci95_low"]) and p["top1_verdict"] == "n < 2: no interval"
     assert np.isnan(p["top1_std"])
     a = s.loc["byol-weighted-ae-cosine"]
-    # Pairs on seeds 0 and 1 only: 0.05, 0.05; sd 0, so the interval is the point itself.
+    # Pairs on seeds 0 and 1 only: 0.05, 0.05; sd 0, so the interval is the point itself,
+    # which judges nothing: not counted as better.
     assert a["n_pairs"] == 2 and a["top1_diff"] == pytest.approx(0.05)
     assert a["top1_diff_ci95_low"] == pytest.approx(0.05)
-    assert a["top1_verdict"] == "better than baseline"
+    assert a["top1_verdict"] == "no spread: the same difference on every seed pair"
     for ref in ("pixels", "byol-baseline"):
         assert pd.isna(s.loc[ref, "n_pairs"]) and np.isnan(s.loc[ref, "top1_diff"])
     assert s.loc["byol-baseline", "top1_mean"] == pytest.approx(0.92)
@@ -237,7 +238,7 @@ def test_aggregate_writes_summary_and_html(tmp_path, capsys):
     for i, (run, seed, top1, knn) in enumerate([
             ("byol-baseline", 0, 0.9, 0.8), ("byol-baseline", 1, 0.92, 0.8),
             ("byol-weighted-vae-cosine", 0, 0.95, 0.85),
-            ("byol-weighted-vae-cosine", 1, 0.97, 0.86)]):
+            ("byol-weighted-vae-cosine", 1, 0.971, 0.86)]):
         paths.append(tmp_path / f"{i}.json")
         write_json(paths[-1], {"dataset": "d", "run": run, **_columns(run), "seed": seed,
                                "top1": top1, "top5": None, "knn20_top1": knn,
@@ -247,11 +248,11 @@ def test_aggregate_writes_summary_and_html(tmp_path, capsys):
               overview=tmp_path / "o.rst")
     log = capsys.readouterr().out
     assert "aggregate: 4 rows, 2 configurations" in log
-    assert "+0.0500 [+0.0500, +0.0500]" in log and "better than baseline" in log
+    assert "+0.0505 [+0.0441, +0.0569]" in log and "better than baseline" in log
     s = pd.read_csv(tmp_path / "s.csv")
     assert list(s["run"]) == ["byol-baseline", "byol-weighted-vae-cosine"]
     page = (tmp_path / "s.html").read_text()
-    assert "<table" in page and "0.9600 ± 0.0141" in page and 'class="better"' in page
+    assert "<table" in page and "0.9605 ± 0.0148" in page and 'class="better"' in page
     assert "<td>byol-weighted-vae-cosine</td>" in (tmp_path / "t.html").read_text()
     assert "5 labelled test images" in (tmp_path / "o.rst").read_text()
 
