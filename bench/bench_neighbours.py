@@ -11,8 +11,8 @@ mean +- std over seeds; the paired difference to the run's ``versus`` baseline o
 seeds with its 95 % t-interval (a neighbour run against its own method's baseline, another
 method's baseline against ``byol-baseline``, as summary.csv pairs them); the label purity of
 the neighbours the run actually used (last epoch, mean over seeds); and the wall time of the
-run's training job (``benchmarks/train/<run>-seed<N>.tsv``, mean over seeds). Without
-``--run`` it only reads the tables of a finished experiment.
+run's training per seed (``benchmarks/train/``). Without ``--run`` it only reads the tables
+of a finished experiment.
 """
 
 from __future__ import annotations
@@ -44,10 +44,15 @@ def results_dir(configfile: Path, root: Path = ROOT) -> Path:
 
 
 def wall_seconds(results: Path, run: str) -> float:
-    """Mean wall seconds of ``run``'s training jobs over the seeds that have a Snakemake
-    benchmark file (NaN without any: the untrained control has none)."""
+    """Mean wall seconds of ``run``'s training per seed, from the Snakemake benchmark files
+    of its jobs: one per seed, or one for all its seeds (``train.seeds_in_one_job``), divided
+    by the seeds it trained. NaN without any (the untrained control has none)."""
+    folder = results / "benchmarks" / "train"
+    if (folder / f"{run}.tsv").exists():
+        seeds = len(list((results / "train" / run).glob("seed*/encoder.pt")))
+        return pd.read_csv(folder / f"{run}.tsv", sep="\t")["s"].mean() / max(seeds, 1)
     seconds = [pd.read_csv(f, sep="\t")["s"].mean()
-               for f in sorted((results / "benchmarks" / "train").glob(f"{run}-seed*.tsv"))
+               for f in sorted(folder.glob(f"{run}-seed*.tsv"))
                if f.name.removeprefix(f"{run}-seed").removesuffix(".tsv").isdigit()]
     return sum(seconds) / len(seconds) if seconds else float("nan")
 

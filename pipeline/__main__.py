@@ -66,9 +66,25 @@ def _train(a):
     from pipeline.train.loop import train
     from pipeline.train.params import TrainParams
 
+    # Several seeds train one after another in one process (train.seeds_in_one_job): a small
+    # run's imports cost about as much as its training. Each seed has its own files; one
+    # --neighbours (a latent space's) may serve them all.
+    n = len(a.seed)
+    if len(set(a.seed)) != n:
+        raise PipelineError(f"train: --seed {' '.join(map(str, a.seed))} repeats a seed")
+    neighbours = a.neighbours or [None]
+    files = {"neighbours": neighbours * n if len(neighbours) == 1 else neighbours,
+             "out": a.out, "state": a.state, "history": a.history, "loss-plot": a.loss_plot}
+    for name, values in files.items():
+        if len(values) != n:
+            raise PipelineError(f"train: {n} --seed and {len(values)} --{name} values; give "
+                                f"one per --seed")
+        if name != "neighbours" and len(set(values)) != n:
+            raise PipelineError(f"train: --{name} names a file twice; each seed writes its own")
     run = Run(a.method, a.use, a.source, a.space, a.metric, a.round)
-    train(_params(TrainParams, a.params), run, a.seed, a.data, a.neighbours, a.out, a.state,
-          a.history, a.loss_plot, a.device)
+    params = _params(TrainParams, a.params)
+    for i, seed in enumerate(a.seed):
+        train(params, run, seed, a.data, *(files[k][i] for k in files), a.device)
 
 
 def _untrained(a):
@@ -230,16 +246,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", default="", help="latent model whose space was mined")
     s.add_argument("--metric", default="", help="the neighbours' metric")
     s.add_argument("--round", type=int, default=1, help="refresh round (1 = latent)")
-    s.add_argument("--seed", type=int, required=True,
-                   help="fixes initialisation, batch order, augmentations, neighbour draws")
-    s.add_argument("--neighbours", type=Path, default=None,
-                   help="neighbours.parquet of the latent or refresh source")
-    for name, text in (("data", PREPARED), ("out", "the encoder.pt to write"),
+    s.add_argument("--seed", type=int, nargs="+", required=True,
+                   help="fixes initialisation, batch order, augmentations, neighbour draws; "
+                        "several train one after another, each with its own files below")
+    s.add_argument("--neighbours", type=Path, nargs="+", default=None,
+                   help="neighbours.parquet of the latent or refresh source: one, or one per "
+                        "--seed")
+    s.add_argument("--data", type=Path, required=True, help=PREPARED)
+    for name, text in (("out", "the encoder.pt to write"),
                        ("state", "the resumable checkpoint (state.pt), resumed from when it "
                                  "matches"),
                        ("history", "the per-epoch history.csv to write"),
                        ("loss-plot", "the loss curve PNG to write")):
-        s.add_argument(f"--{name}", type=Path, required=True, help=text)
+        s.add_argument(f"--{name}", type=Path, nargs="+", required=True,
+                       help=f"{text}; one per --seed")
 
     s = stage("untrained", _untrained)
     s.add_argument("--backbone", required=True, help="train.backbone (auto: by image side)")

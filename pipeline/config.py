@@ -23,6 +23,7 @@ from pipeline.schema import (  # noqa: F401 - build, check_fields, field_schema:
     flatten,
     load_schema,
 )
+from pipeline.train.grid import GRID_KEYS as TRAIN_GRID_KEYS
 from pipeline.train.grid import RUNTIME_KEYS as TRAIN_RUNTIME_KEYS
 
 PRESETS = WORKFLOW / "presets"
@@ -186,7 +187,7 @@ def latent_params(config: dict, model: str) -> dict[str, Any]:
 RUNTIME_KEYS = {"latent": ("on_collapse", "device_memory_share"),
                 "neighbours": ("chunk_size",), "train": TRAIN_RUNTIME_KEYS, "evaluate": ()}
 GRID_KEYS = {"neighbours": ("metrics", "pixels"),
-             "train": ("methods", "uses", "seeds", "sources", "refresh_rounds"),
+             "train": TRAIN_GRID_KEYS,
              "evaluate": ("untrained",)}
 
 

@@ -189,6 +189,18 @@ def test_bench_neighbours_reads_an_experiment_with_every_method(tmp_path, capsys
     assert "kNN-20 top-1" in out[2]  # the smallest evaluate.knn_k
 
 
+def test_bench_neighbours_times_a_run_trained_in_one_job_per_seed(tmp_path):
+    """train.seeds_in_one_job writes one benchmark file for the run's seeds: its wall time
+    counts per seed trained."""
+    results = tmp_path / "results" / "x"
+    (results / "benchmarks" / "train").mkdir(parents=True)
+    (results / "benchmarks" / "train" / "byol-baseline.tsv").write_text("s\tcpu_time\n60\t50\n")
+    for seed in (0, 1, 2):
+        (results / "train" / "byol-baseline" / f"seed{seed}").mkdir(parents=True)
+        (results / "train" / "byol-baseline" / f"seed{seed}" / "encoder.pt").touch()
+    assert _load("bench_neighbours").wall_seconds(results, "byol-baseline") == 20
+
+
 def test_bench_neighbours_refuses_an_old_layout_config(tmp_path):
     cfg = tmp_path / "old.yaml"
     cfg.write_text("byol: {variants: [baseline]}\n")

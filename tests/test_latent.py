@@ -16,7 +16,7 @@ from pipeline.config import build, latent_params, validate_config
 from pipeline.features import latent_features
 from pipeline.io import Prepared, load_prepared, save_prepared
 from pipeline.latent import LatentParams, encode, export_latents, load_checkpoint, train_latent
-from pipeline.latent.health import RATIO_MAX, CollapseCheck
+from pipeline.latent.collapse import RATIO_MAX, CollapseCheck
 from pipeline.latent.models import (
     LATENT_MODELS,
     VAE,

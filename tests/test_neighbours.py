@@ -316,6 +316,83 @@ def test_cli_and_purity_table(tmp_path, prepared):
     assert df.loc[1, "purity_at_k"] == pytest.approx(float(meta["purity_at_k"]))
 
 
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_neighbours_and_purity_stages_never_import_torch_off_the_gpu(tmp_path, prepared, device):
+    """The stages need only FAISS: importing torch (~2 s) took 20 times the search of a small
+    set. ``auto`` may import it only where this faiss build sees a GPU to search on."""
+    import json
+    import subprocess
+    import sys
+
+    if device == "auto" and faiss.get_num_gpus() > 0:
+        pytest.skip("this faiss build sees a GPU: auto resolves it with torch")
+    data, npz = prepared
+    write_latents(tmp_path / "latents.parquet", data)
+    out = tmp_path / "nb" / "neighbours.parquet"
+    argv = ["--threads", "1", "neighbours", "--metric", "cosine", "--params", '{"k": 2}',
+            "--device", device, "--source", str(tmp_path / "latents.parquet"), "--data",
+            str(npz), "--out", str(out), "--grid", str(out.with_name("grid.png"))]
+    code = ("import json, sys; from pipeline.__main__ import main; "
+            f"rc = main({argv!r}); "
+            f"rc = rc or main(['purity', '--out', {str(tmp_path / 'purity.csv')!r}, "
+            f"{str(out)!r}]); "
+            "print(json.dumps([rc, 'torch' in sys.modules]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [0, False], run.stdout
+    assert out.exists() and (tmp_path / "purity.csv").exists()
+
+
+def test_search_device_resolves_a_gpu_only_where_faiss_can_search_on_one(monkeypatch, capsys):
+    """cpu, and auto with a faiss build that sees no GPU, search on the CPU without asking
+    torch (a note where the host has GPUs); else the device is resolved and used if FAISS can."""
+    import pipeline.device
+    import pipeline.threads
+    from pipeline.neighbours.search import GPU_MAX_K, search_device
+
+    with pytest.raises(PipelineError, match="unknown device 'tpu'"):
+        search_device("tpu", 5)
+    resolved = []
+
+    def resolve(name):
+        resolved.append(name)
+        return torch.device("cuda", 1)
+
+    monkeypatch.setattr(pipeline.device, "resolve_device", resolve)
+    monkeypatch.setattr(pipeline.threads, "host_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert search_device("cpu", 5) is None and search_device("auto", 5) is None
+    assert resolved == []
+    assert capsys.readouterr().err == ("CUDA is present but this faiss build has no GPU support; "
+                                       "searching on CPU\n")
+    assert search_device("cuda", 5) is None and resolved == ["cuda"]  # asked for: resolved
+    assert "no GPU support" in capsys.readouterr().err
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    assert search_device("auto", 5) == torch.device("cuda", 1)
+    assert search_device("auto", GPU_MAX_K) is None  # k + 1 beyond FAISS's GPU k-selection
+    assert capsys.readouterr().err == ""
+
+
+def test_image_grid_tiles_ragged_rows_of_mixed_images(tmp_path):
+    """One picture from rows of different lengths, grey uint8 beside RGB floats (out of range
+    values clipped): each image in its cell, the empty cells white."""
+    from PIL import Image
+
+    from pipeline.plots import image_grid
+
+    grey = np.full((3, 8, 8, 1), 40, np.uint8)
+    red = np.zeros((2, 8, 8, 3), np.float32)
+    red[..., 0] = 1.5  # clipped to 1
+    path = tmp_path / "grid.png"
+    image_grid([grey, red], path, row_labels=["grey", "red\nsecond line"], title="t",
+               col_labels=["a", "b", "c"], cell_labels=[["", "x", ""], ["", "y"]])
+    png = np.asarray(Image.open(path).convert("RGB"))
+    colours = {tuple(c) for c in png.reshape(-1, 3)}
+    assert (40, 40, 40) in colours and (255, 0, 0) in colours and (255, 255, 255) in colours
+    # Two rows of cells about 1.1 inches apart at 110 dpi, three columns wide.
+    assert 2 * 110 < png.shape[0] and 3 * 110 < png.shape[1]
+
+
 def test_errors_name_the_problem(tmp_path, prepared):
     data, npz = prepared
     src = tmp_path / "latents.parquet"

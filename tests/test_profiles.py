@@ -175,6 +175,11 @@ def test_runtime_and_memory_grow_with_the_data_and_the_epochs(prepared, tmp_path
     on_cpu = train(prepared.path, device="cpu", train={"epochs": 6000, "warmup_epochs": 1})
     assert int(on_cpu["runtime"]) > int(longer["runtime"])  # 20 images/s per CPU thread
     assert on_cpu["mem_mb"] == longer["mem_mb"] == small["mem_mb"]
+    # A run's 3 seeds in one job (train.seeds_in_one_job): three trainings' minutes, one
+    # start.
+    grouped = train(prepared.path, device="cuda", train={
+        "epochs": 6000, "warmup_epochs": 1, "seeds": [0, 1, 2], "seeds_in_one_job": True})
+    assert (int(longer["runtime"]), int(grouped["runtime"])) == (12, 15)
     fixed = train(prepared.path, device="cuda", cluster={"runtime": {"train": 90},
                                                           "mem_mb": {"train": 12000}})
     assert (fixed["runtime"], fixed["mem_mb"]) == ("90", "12000")

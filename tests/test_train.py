@@ -662,6 +662,50 @@ def test_untrained_command_line_writes_no_training_files(tmp_path, data):
     assert sorted(p.name for p in out.parent.iterdir()) == ["encoder.pt"]
 
 
+def test_one_train_call_trains_each_seed_as_its_own_call_does(tmp_path, data, neighbours,
+                                                              capsys):
+    """train.seeds_in_one_job: one process trains a run's seeds one after another; each
+    seed's encoder and history equal a separate call's, and its files are its own."""
+    import json
+
+    from pipeline.__main__ import main
+
+    params = json.dumps({**TINY, "weighted.pos_weight": 0.5})
+    common = ["train", "--method", "byol", "--use", "weighted", "--source", "latent",
+              "--space", "ae", "--metric", "cosine", "--neighbours", str(neighbours),
+              "--params", params, "--device", "cpu", "--data", str(data)]
+
+    def files(d, seeds):
+        return [arg for name in ("out", "state", "history", "loss-plot")
+                for arg in (f"--{name}", *(str(d / f"s{s}" / f"{name}.x") for s in seeds))]
+
+    assert main([*common, "--seed", "0", "1", *files(tmp_path / "together", (0, 1))]) == 0
+    for seed in (0, 1):
+        assert main([*common, "--seed", str(seed),
+                     *files(tmp_path / "alone", (seed,))]) == 0
+        got, want = (tmp_path / w / f"s{seed}" for w in ("together", "alone"))
+        assert same_weights(weights(got / "out.x"), weights(want / "out.x")), seed
+        losses = [[r["loss"] for r in csv.DictReader(open(d / "history.x"))]
+                  for d in (got, want)]
+        assert losses[0] == losses[1] and len(losses[0]) == TINY["epochs"], seed
+    assert not same_weights(weights(tmp_path / "together/s0/out.x"),
+                            weights(tmp_path / "together/s1/out.x"))
+
+    # Counts that do not match, or two seeds writing one file, are refused before any work.
+    capsys.readouterr()
+    bad = files(tmp_path / "bad", (0, 1))
+    bad[bad.index("--history") + 2:bad.index("--loss-plot")] = []
+    assert main([*common, "--seed", "0", "1", *bad]) == 2
+    assert capsys.readouterr().err == (
+        "error: train: 2 --seed and 1 --history values; give one per --seed\n")
+    assert main([*common, "--seed", "0", "0", *files(tmp_path / "bad", (0, 1))]) == 2
+    assert capsys.readouterr().err == "error: train: --seed 0 0 repeats a seed\n"
+    assert main([*common, "--seed", "0", "1", *files(tmp_path / "bad", (0, 0))]) == 2
+    assert capsys.readouterr().err == ("error: train: --out names a file twice; each seed "
+                                       "writes its own\n")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("name, channels, size, dim", [
     ("smallconv", 1, 8, 512), ("smallconv", 1, 28, 512), ("smallconv", 3, 16, 512),
     ("resnet18_cifar", 3, 32, 512), ("resnet18_cifar", 1, 32, 512),

@@ -121,6 +121,55 @@ def test_accuracy_chart_is_dots_with_intervals_on_an_axis_that_holds_them(tmp_pa
     assert s.loc[s["run"] == "pixels", "top1_ci95_low"].isna().all()
 
 
+def test_accuracy_chart_draws_each_runs_interval_and_open_dots_without_one(tmp_path):
+    """The dots are drawn a few per call (one call per colour): every run's mean and interval
+    is still on the chart, at its own row, and a run without an interval is an open dot."""
+    from pipeline.figures import accuracy_chart
+
+    s = _summary(BETTER + [("untrained", 0, 0.85, 0.75), ("untrained", 1, 0.87, 0.74)])
+    fig = accuracy_chart(s, tmp_path / "a.png")
+    rows = dict(zip(s["run"], np.arange(len(s))[::-1], strict=True))
+    for ax, col in zip(fig.axes[:2], ("top1", "knn20_top1"), strict=True):
+        drawn = {}
+        for c in ax.containers:  # each errorbar: the dots, and one bar per dot
+            (x, y), bars = c.lines[0].get_data(), c.lines[2][0].get_segments()
+            for xi, yi, bar in zip(x, y, bars, strict=True):
+                drawn[int(yi)] = (xi, bar[0][0], bar[1][0])
+        open_dots = {int(yi): xi for line in ax.get_lines() if line.get_mfc() == "white"
+                     for xi, yi in zip(*line.get_data(), strict=True)}
+        for r in s.itertuples():
+            mean, low = getattr(r, f"{col}_mean"), getattr(r, f"{col}_ci95_low")
+            if np.isnan(low):
+                assert open_dots[rows[r.run]] == pytest.approx(mean)
+                assert rows[r.run] not in drawn
+            else:
+                high = getattr(r, f"{col}_ci95_high")
+                assert drawn[rows[r.run]] == pytest.approx((mean, max(low, 0), min(high, 1)))
+                assert rows[r.run] not in open_dots
+
+
+def test_t_interval_is_scipy_stats_t_without_importing_scipy_stats():
+    """t_half_width's quantile (scipy.special.stdtrit) equals scipy.stats.t.ppf, and the
+    aggregate stage need not import scipy.stats (about 2 s) for it."""
+    import subprocess
+    import sys
+
+    from scipy import stats
+
+    from pipeline.aggregate import t_half_width
+
+    for n in range(2, 102):
+        for level in (0.95, 0.9, 0.99):
+            want = stats.t.ppf(0.5 + level / 2, n - 1) * 0.3 / np.sqrt(n)
+            assert t_half_width(0.3, n, level) == pytest.approx(want, rel=1e-12, abs=0)
+    assert np.isnan(t_half_width(0.3, 1)) and np.isnan(t_half_width(np.nan, 3))
+    code = ("import sys; from pipeline.aggregate import t_half_width; t_half_width(1.0, 3); "
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 def _evals(tmp_path, per_class: dict[tuple[str, int], list[float]]) -> list:
     paths = []
     for (run, seed), pc in per_class.items():

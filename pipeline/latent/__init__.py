@@ -2,8 +2,9 @@
 
 The public face: :func:`train_latent` (``loop``) trains one model and writes its checkpoint;
 :func:`export_latents` (``export``) writes every image's latent. The parts: ``params``
-(``LatentParams``), ``models`` (the three models and their registry), ``health`` (collapse
-checks against the mean image), ``loop`` (training), ``export`` (encoding, the parquet).
+(``LatentParams``), ``models`` (the three models and their registry), ``collapse`` (the
+torch-free collapse thresholds), ``health`` (collapse checks against the mean image),
+``loop`` (training), ``export`` (encoding, the parquet).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import importlib
 
 # Imported lazily, so that a module importing one part (the neighbours stage reads
-# ``health.SPREAD_MIN``) does not depend on the whole stage: rules derive their code inputs
+# ``collapse.SPREAD_MIN``) does not depend on the whole stage: rules derive their code inputs
 # from these imports.
 _PUBLIC = {
     "encode": "export", "export_latents": "export", "load_checkpoint": "export",
-    "CollapseCheck": "health", "RECON_SHOWN": "loop", "train_latent": "loop",
+    "CollapseCheck": "collapse", "RECON_SHOWN": "loop", "train_latent": "loop",
     "ENCODE_BATCH": "models", "LATENT_MODELS": "models", "build_model": "models",
     "check_model": "models", "LatentParams": "params", "check_params": "params",
 }

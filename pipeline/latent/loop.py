@@ -24,10 +24,9 @@ from pipeline.io import (
     provenance,
     save_checkpoint,
 )
+from pipeline.latent.collapse import MIN_STEPS, CollapseCheck
 from pipeline.latent.health import (
-    MIN_STEPS,
     PROBE_IMAGES,
-    CollapseCheck,
     final_health,
     mean_image,
     probe,

@@ -51,11 +51,11 @@ from pipeline.neighbours.search import (
     _check_metric,
     available_memory,
     backend_name,
-    gpu_usable,
     index_bytes,
     ivf_cells,
     knn,
     prefer_fast_openblas,
+    search_device,
     search_metadata,
 )
 from pipeline.neighbours.spaces import load_source, training_images
@@ -74,25 +74,25 @@ def find_neighbours(
     params: NeighboursParams, source: Path, data: Path, metric: str, out: Path, grid: Path,
     device: str,
 ) -> None:
-    """Write ``neighbours.parquet`` (one row per training image) and its grid PNG."""
-    from pipeline.device import resolve_device
+    """Write ``neighbours.parquet`` (one row per training image) and its grid PNG.
 
+    Imports torch only where the search may run on a GPU (:func:`search_device`)."""
     _check_metric(metric)
     if params.index not in INDEXES:
         raise PipelineError(f"neighbours.index: unknown index {params.index!r}; use one of: "
                             f"{', '.join(INDEXES)}")
-    dev = resolve_device(device)
+    gpu = search_device(device, params.k)
     prepared, train = training_images(data, params.k)
     x, space, source_meta = load_source(Path(source), prepared)
     n, k = len(train.ids), params.k
-    use_gpu = gpu_usable(dev, k)
-    check_memory(space, x, params, dev if use_gpu else None)
+    use_gpu = gpu is not None
+    check_memory(space, x, params, gpu)
     backend = backend_name(params.index, use_gpu)
     print(f"{space} {metric}: {n} training vectors of dim {x.shape[1]}, k={k}, {backend}")
     t0 = time.perf_counter()
     D, I_pos = knn(x, k, metric, index=params.index, nlist=params.nlist, nprobe=params.nprobe,
                    chunk_size=params.chunk_size, use_gpu=use_gpu,
-                   gpu_id=(dev.index or 0) if dev.type == "cuda" else 0)
+                   gpu_id=(gpu.index or 0) if use_gpu else 0)
     seconds = time.perf_counter() - t0
     stats = graph_stats(train.labels, I_pos)
     p1, pk = stats["purity_at_1"], stats["purity_at_k"]

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline import PipelineError
 from pipeline.io import atomic_path
-from pipeline.latent.health import SPREAD_MIN
+from pipeline.latent.collapse import SPREAD_MIN
 
 # Quality gate (purity table): a latent space is flagged when its purity@1 is more than
 # PURITY_MARGIN below raw pixels' under the same metric. 0.05 is well above the sampling

@@ -285,12 +285,14 @@ def _refine_l2(vectors: _Vectors, rows: np.ndarray, D: np.ndarray,
 
 def _search(vectors, k, m, index, nlist, nprobe, chunk_size, use_gpu, gpu_id):
     """Build the index and run the chunked self-search of ``knn`` on prepared vectors."""
-    import torch
-
     n, search_k = len(vectors), k + 1
     ix, cells, _res = _build_index(vectors, m, index, nlist, nprobe, use_gpu, gpu_id,
                                    chunk_size)
-    device = f"cuda:{gpu_id}" if use_gpu and torch.cuda.is_available() else "cpu"
+    device = "cpu"
+    if use_gpu:  # torch only where the search runs on the GPU: its import alone takes ~2 s
+        import torch
+
+        device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
 
     def search(rows):
         D, I = ix.search(vectors[rows], search_k)  # noqa: E741
@@ -375,9 +377,39 @@ def gpu_usable(dev, k: int) -> bool:
 
         use_gpu = faiss.get_num_gpus() > 0
         if not use_gpu:
-            print("CUDA is present but this faiss build has no GPU support; searching on CPU",
-                  file=sys.stderr)
+            _cpu_faiss_note()
     return use_gpu and k + 1 <= GPU_MAX_K
+
+
+def _cpu_faiss_note() -> None:
+    print("CUDA is present but this faiss build has no GPU support; searching on CPU",
+          file=sys.stderr)
+
+
+def search_device(name: str, k: int):
+    """The CUDA device (a torch.device) to search on, or None to search on the CPU.
+
+    ``name`` is the stage's ``--device``; a GPU is used where :func:`gpu_usable` says so. torch
+    is imported only to resolve (and claim, see :func:`pipeline.device.resolve_device`) a
+    device that may be a GPU: never for ``cpu``, nor for ``auto`` where this faiss build sees
+    no GPU, as with faiss-cpu (the note that CUDA goes unused is then based on the host's
+    ``nvidia-smi``). Importing torch alone takes ~2 s, 20 times the search of a small set.
+    """
+    if name == "cpu":
+        return None
+    if name == "auto":
+        import faiss
+
+        if faiss.get_num_gpus() == 0:
+            from pipeline.threads import host_gpus
+
+            if host_gpus() > 0:
+                _cpu_faiss_note()
+            return None
+    from pipeline.device import resolve_device
+
+    dev = resolve_device(name)
+    return dev if gpu_usable(dev, k) else None
 
 
 def search_metadata(params: NeighboursParams, metric: str, n: int, backend: str) -> dict:

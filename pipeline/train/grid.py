@@ -25,8 +25,8 @@ METHOD_USES: dict[str, tuple[str, ...]] = {
 # Where a neighbour use finds neighbours. ``latent`` and ``refresh`` read a table file that
 # the DAG builds; ``queue`` searches the projections of earlier steps.
 SOURCES = ("latent", "refresh", "queue")
-# Keys that choose which runs exist, never what one computes.
-GRID_KEYS = ("methods", "uses", "seeds", "sources", "refresh_rounds")
+# Keys that choose which runs exist and how their jobs are cut, never what one computes.
+GRID_KEYS = ("methods", "uses", "seeds", "sources", "refresh_rounds", "seeds_in_one_job")
 RUNTIME_KEYS = ("checkpoint_every", "device_memory_share", "knn_monitor", "tensorboard")
 NEIGHBOUR_KEYS = ("filter", "neighbour_warmup_epochs", "queue")
 VIEWS = ("view1", "view2")

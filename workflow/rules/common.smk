@@ -199,7 +199,7 @@ def _prepared(input):
 
 def _passes(name, images):
     if name == "train":
-        return config["train"]["epochs"]
+        return config["train"]["epochs"] * (len(SEEDS) if SEEDS_IN_ONE_JOB else 1)
     if name == "train_latent":
         return config["latent"]["epochs"]
     if name.startswith("neighbours"):
@@ -282,6 +282,10 @@ LATENTS = config["latent"]["models"]
 METRICS = config["neighbours"]["metrics"]
 SPACES = LATENTS + (["pixels"] if config["neighbours"]["pixels"] else [])
 SEEDS = config["train"]["seeds"]
+# train.seeds_in_one_job: a run's seeds train in one job, one after another, so a small
+# experiment pays a process's imports once per run; else one job per seed, in parallel.
+SEEDS_IN_ONE_JOB = config["train"]["seeds_in_one_job"]
+TRAIN_JOB = "{run}" if SEEDS_IN_ONE_JOB else "{run}-seed{seed}"  # a train job's log name
 # Every trained configuration of the grid, by name (the registry the rules look runs up in).
 RUNS = {r.name: r for r in grid_runs(config)}
 
@@ -396,14 +400,37 @@ def train_cfg(wildcards):
     return as_param(train_params(config, run_of(wildcards)))
 
 
+def train_files(name):
+    """A train job's file ``name`` (encoder.pt, history.csv, ...) per seed it trains: every
+    seed's with train.seeds_in_one_job, else the {seed} wildcard's."""
+    seeds = SEEDS if SEEDS_IN_ONE_JOB else ["{seed}"]
+    return [f"{R}/train/{{run}}/seed{s}/{name}" for s in seeds]
+
+
+def job_seeds(wildcards):
+    """The seeds a train job trains: its {seed}, or all of them (train.seeds_in_one_job)."""
+    return SEEDS if SEEDS_IN_ONE_JOB else [int(wildcards.seed)]
+
+
+def train_seeds(wildcards):
+    return " ".join(map(str, job_seeds(wildcards)))
+
+
+def train_state(wildcards):
+    """The resumable checkpoint per seed: a param, never an output, so Snakemake keeps it."""
+    return [os.path.join(train_dir(wildcards.run, s), "state.pt") for s in job_seeds(wildcards)]
+
+
 def train_neighbours(wildcards):
     """The neighbours file of an offline source: mined once in a latent space, or in the
-    features of the run's previous refresh round; none for a baseline or the queue."""
+    features of the run's previous refresh round (one per seed); none for a baseline or the
+    queue."""
     run = run_of(wildcards)
     if run.source == "latent":
         return [f"{R}/neighbours/{run.space}-{run.metric}/neighbours.parquet"]
     if run.source == "refresh":
-        return [f"{R}/neighbours/refresh/{run.name}/seed{wildcards.seed}/neighbours.parquet"]
+        return [f"{R}/neighbours/refresh/{run.name}/seed{s}/neighbours.parquet"
+                for s in job_seeds(wildcards)]
     return []
 
 
@@ -414,7 +441,9 @@ def train_args(wildcards, input):
     if run.source:
         args += f" --source {run.source} --round {run.round}"
         args += f" --space {run.space} --metric {run.metric}" if run.space else ""
-    return args + "".join(f" --neighbours {n}" for n in input.neighbours)
+    if input.neighbours:  # one for a latent space, one per seed for a refresh round
+        args += " --neighbours " + " ".join(input.neighbours)
+    return args
 
 
 def refresh_features(wildcards):

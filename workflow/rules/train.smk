@@ -8,21 +8,20 @@
 
 
 rule train:
-    """One run of the grid: a method, a neighbour use and a source, looked up by name."""
+    """One run of the grid: a method, a neighbour use and a source, looked up by name. One
+    job per seed, or per run with train.seeds_in_one_job (its seeds one after another)."""
     input:
         data=f"{R}/prepared",
         checked=ancient(CHECKED),
         neighbours=train_neighbours,
         code=code_of("train"),
     output:
-        encoder=f"{R}/train/{{run}}/seed{{seed}}/encoder.pt",
-        history=f"{R}/train/{{run}}/seed{{seed}}/history.csv",
-        loss_plot=report(
-            f"{R}/train/{{run}}/seed{{seed}}/loss.png",
-            caption="../report/train_loss.rst",
-            category="Training",
-            subcategory="{run}",
-        ),
+        encoder=train_files("encoder.pt"),
+        history=train_files("history.csv"),
+        loss_plot=[
+            report(p, caption="../report/train_loss.rst", category="Training", subcategory="{run}")
+            for p in train_files("loss.png")
+        ],
     wildcard_constraints:
         run="|".join(RUNS) or "no-runs",
     params:
@@ -30,12 +29,13 @@ rule train:
         opts=runtime_of("train"),
         run=train_args,
         device=DEVICE,
-        state=f"{R}/train/{{run}}/seed{{seed}}/state.pt",
+        seeds=train_seeds,
+        state=train_state,
         launch=train_launch,
     log:
-        f"{LOGS}/train/{{run}}-seed{{seed}}.log",
+        f"{LOGS}/train/{TRAIN_JOB}.log",
     benchmark:
-        f"{R}/benchmarks/train/{{run}}-seed{{seed}}.tsv"
+        f"{R}/benchmarks/train/{TRAIN_JOB}.tsv"
     conda:
         ENV
     threads: TRAIN_THREADS
@@ -46,10 +46,11 @@ rule train:
         **site(GPU),
         **train_tasks(),
     shell:
-        "{params.launch} python -m pipeline --threads {threads} train {params.run} --seed {wildcards.seed}"
-        " --params {params.cfg:q} --runtime {params.opts:q} --device {params.device}"
-        " --data {input.data} --out {output.encoder} --state {params.state}"
-        " --history {output.history} --loss-plot {output.loss_plot} > {log} 2>&1"
+        "{params.launch} python -m pipeline --threads {threads} train {params.run}"
+        " --seed {params.seeds} --params {params.cfg:q} --runtime {params.opts:q}"
+        " --device {params.device} --data {input.data} --out {output.encoder}"
+        " --state {params.state} --history {output.history} --loss-plot {output.loss_plot}"
+        " > {log} 2>&1"
 
 
 rule untrained:
