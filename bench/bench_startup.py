@@ -3,7 +3,7 @@
 Every figure is a fresh child process, as a Snakemake job is one: its wall seconds and its
 CPU seconds (user + system, from ``wait4``), the median of ``--repeats`` runs. First the
 interpreter alone and the imports the stages pull in (torch's optimizers import
-``torch._dynamo`` at their first use, so a training pays for it too); then the evaluation of
+``torch._dynamo`` when built, so a training pays for it too); then the evaluation of
 ``--seeds`` untrained encoders on digits, one process per seed (the old ``evaluate_train``
 job) against one process for all of them (the job now).
 
@@ -34,7 +34,7 @@ IMPORTS = {
     "matplotlib.pyplot": "import matplotlib.pyplot",
     "scikit-learn (linear_model)": "import sklearn.linear_model",
     "torch": "import torch",
-    "torch + torch._dynamo (an optimizer's 1st step)": "import torch, torch._dynamo",
+    "torch + torch._dynamo (an optimizer, when built)": "import torch, torch._dynamo",
     "torchvision": "import torchvision",
 }
 

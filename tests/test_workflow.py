@@ -67,6 +67,9 @@ def test_tiny_dag_runs_and_caches(workflow):
         latent=GRID["latent"], neighbours={**GRID["neighbours"], "chunk_size": 5},
         train={"checkpoint_every": 7}))
     assert workflow.planned() == {}
+    # Nor does training a run's seeds in one job: the same trainings, cut differently.
+    workflow.write_config(tiny_config(**GRID, train={"seeds_in_one_job": True}))
+    assert workflow.planned() == {}
     # Dropping the untrained control re-trains and re-evaluates nothing: only the tables
     # and figures, which lose its rows, are redone.
     workflow.write_config(tiny_config(**GRID, evaluate={"untrained": False}))

@@ -412,11 +412,14 @@ def job_seeds(wildcards):
     return SEEDS if SEEDS_IN_ONE_JOB else [int(wildcards.seed)]
 
 
-def train_seeds(wildcards):
+# The two below take `input` so that Snakemake counts them as derived params, out of its
+# params rerun trigger: switching train.seeds_in_one_job cuts the same trainings differently,
+# and re-runs none of them.
+def train_seeds(wildcards, input):
     return " ".join(map(str, job_seeds(wildcards)))
 
 
-def train_state(wildcards):
+def train_state(wildcards, input):
     """The resumable checkpoint per seed: a param, never an output, so Snakemake keeps it."""
     return [os.path.join(train_dir(wildcards.run, s), "state.pt") for s in job_seeds(wildcards)]
 
