@@ -290,10 +290,14 @@ def run_columns(source: str | Path, summary: dict) -> dict:
 def evaluate(
     params: EvaluateParams, run: str, source: str | Path, data_path: str | Path, out: str | Path,
     dataset: str, seed: int | None = None, device: str = "auto",
+    prepared: Prepared | None = None,
 ) -> dict:
-    """Probe one representation and write its metrics JSON (one row of the results table)."""
+    """Probe one representation and write its metrics JSON (one row of the results table).
+
+    ``prepared`` is ``data_path`` already loaded, where one process evaluates several seeds:
+    it is then read once, not once per seed."""
     start = time.time()
-    data = load_prepared(data_path)
+    data = load_prepared(data_path) if prepared is None else prepared
     feats, summary = features_for(source, data, device)
     columns = run_columns(source, summary)
     if isinstance(feats, np.ndarray) and not np.isfinite(feats).all():  # pixels always are

@@ -502,8 +502,11 @@ def test_encoder_features_from_the_memory_map_equal_those_in_memory(tmp_path):
 
 
 def test_one_evaluate_call_writes_each_seeds_row_as_separate_calls_do(tmp_path, encoder,
-                                                                      capsys):
-    """evaluate_train probes a run's seeds in one process: each JSON equals its own call's."""
+                                                                      capsys, monkeypatch):
+    """evaluate_train probes a run's seeds in one process: each JSON equals its own call's,
+    and the prepared set is read once."""
+    import pipeline.evaluate
+    import pipeline.io
     from pipeline.train.encoder import write_untrained
 
     enc0, data = encoder
@@ -512,8 +515,18 @@ def test_one_evaluate_call_writes_each_seeds_row_as_separate_calls_do(tmp_path, 
     common = ["evaluate", "--params", '{"max_iter": 100}', "--run", "untrained",
               "--dataset", "syn", "--device", "cpu", "--data", str(data)]
     together = [tmp_path / "seed0.json", tmp_path / "seed1.json"]
-    assert main([*common, "--seed", "0", "1", "--source", str(enc0), str(enc1),
-                 "--out", *map(str, together)]) == 0
+    reads = []
+
+    def counted(path, _load=pipeline.io.load_prepared):
+        reads.append(path)
+        return _load(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.io, "load_prepared", counted)
+        m.setattr(pipeline.evaluate, "load_prepared", counted)
+        assert main([*common, "--seed", "0", "1", "--source", str(enc0), str(enc1),
+                     "--out", *map(str, together)]) == 0
+    assert len(reads) == 1
     for seed, enc, path in zip((0, 1), (enc0, enc1), together, strict=True):
         alone = tmp_path / f"alone{seed}.json"
         assert main([*common, "--seed", str(seed), "--source", str(enc), "--out",
