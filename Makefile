@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # `make install EXTRAS=gpu,test` swaps faiss-cpu for faiss-gpu (never both in one env).
 EXTRAS ?= cpu,test
-CORES ?= 8
+# all = this host's cores: more concurrent jobs than cores only makes them slower.
+CORES ?= all
 BIN := $(VENV)/bin
 # Snakemake loads the local profile from profiles/default (a link to workflow/profiles/default).
 SMK := $(BIN)/snakemake
