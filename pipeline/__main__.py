@@ -106,8 +106,7 @@ def _embed_images(a):
 
 
 def _evaluate(a):
-    from pipeline.evaluate import EvaluateParams, evaluate
-    from pipeline.io import load_prepared
+    from pipeline.evaluate import EvaluateParams, evaluate_sources
 
     # One process evaluates a run's seeds: its imports (torch, scikit-learn) cost more than
     # probing a small set, so a job per seed would mostly start interpreters.
@@ -116,10 +115,8 @@ def _evaluate(a):
         raise PipelineError(f"evaluate: {len(a.source)} --source, {len(a.out)} --out and "
                             f"{len(a.seed or [])} --seed values; give one --out (and one "
                             f"--seed, if any) per --source")
-    params = _params(EvaluateParams, a.params)
-    data = load_prepared(a.data) if len(a.source) > 1 else None  # read once for every seed
-    for source, out, seed in zip(a.source, a.out, seeds, strict=True):
-        evaluate(params, a.run, source, a.data, out, a.dataset, seed, a.device, data)
+    evaluate_sources(_params(EvaluateParams, a.params), a.run, a.source, a.data, a.out,
+                     a.dataset, seeds, a.device)
 
 
 def _aggregate(a):

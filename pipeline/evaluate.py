@@ -287,6 +287,17 @@ def run_columns(source: str | Path, summary: dict) -> dict:
     return {k: summary.pop(k) for k in RUN_COLUMNS if k in summary}
 
 
+def evaluate_sources(
+    params: EvaluateParams, run: str, sources: list, data_path: str | Path, outs: list,
+    dataset: str, seeds: list, device: str = "auto",
+) -> None:
+    """:func:`evaluate` each source (a run's seeds) into its own JSON, in one process: the
+    imports and the prepared set are loaded once, not once per seed."""
+    data = load_prepared(data_path)
+    for source, out, seed in zip(sources, outs, seeds, strict=True):
+        evaluate(params, run, source, data_path, out, dataset, seed, device, data)
+
+
 def evaluate(
     params: EvaluateParams, run: str, source: str | Path, data_path: str | Path, out: str | Path,
     dataset: str, seed: int | None = None, device: str = "auto",
