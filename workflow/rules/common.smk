@@ -404,7 +404,7 @@ def train_files(name):
     """A train job's file ``name`` (encoder.pt, history.csv, ...) per seed it trains: every
     seed's with train.seeds_in_one_job, else the {seed} wildcard's."""
     seeds = SEEDS if SEEDS_IN_ONE_JOB else ["{seed}"]
-    return [f"{R}/train/{{run}}/seed{s}/{name}" for s in seeds]
+    return [os.path.join(train_dir("{run}", s), name) for s in seeds]
 
 
 def job_seeds(wildcards):
